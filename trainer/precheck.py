@@ -33,6 +33,17 @@ def _is_prepare(node: ast.AST) -> bool:
     return isinstance(node, ast.Name) and node.id == "prepare"
 
 
+def _prepare_path(node: ast.AST) -> str | None:
+    """'prepare.a.b' for an attribute chain rooted at the prepare module, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if parts and _is_prepare(node):
+        return ".".join(["prepare", *reversed(parts)])
+    return None
+
+
 def _refusal(node: ast.AST, what: str) -> Refusal:
     return Refusal("tampered", f"line {getattr(node, 'lineno', '?')}: {what}")
 
@@ -76,10 +87,9 @@ def precheck(code: str, filename: str = "train.py") -> Refusal | None:
                 return _refusal(node, f"{func.id}() on prepare; prepare's API is fixed during a run")
             if isinstance(func, ast.Attribute) and func.attr in _ENV_WRITERS and _passes_evo_key(node):
                 return _refusal(node, "sets an EVO_ environment variable; settings come from the runner")
-        if isinstance(node, ast.Attribute) and node.attr in {"__file__", "__dict__", "__code__"} and _is_prepare(node.value):
-            return _refusal(node, f"uses prepare.{node.attr}; variants use prepare's API only")
-        if isinstance(node, ast.Attribute) and node.attr == "__code__" and isinstance(node.value, ast.Attribute) and _is_prepare(node.value.value):
-            return _refusal(node, "rewrites the code of a prepare function")
+        dotted = _prepare_path(node)
+        if dotted and any(part.startswith("__") for part in dotted.split(".")):
+            return _refusal(node, f"uses {dotted}; variants use prepare's API only")
     return None
 
 

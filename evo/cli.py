@@ -1,0 +1,94 @@
+"""The `evo` command: one sub-command per job, each with --help."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import prepare
+
+
+def _cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
+    return prepare.main(rest)
+
+
+def _cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
+    from trainer.runner import RunSettings, run_variant
+
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"evo eval: error: no such file: {path}", file=sys.stderr)
+        return 2
+    try:
+        prepare.read_meta(args.data_dir)
+    except prepare.PrepareError as e:
+        print(f"evo eval: error: {e}", file=sys.stderr)
+        return 2
+    settings = RunSettings(
+        time_budget=args.budget, seed=args.seed, data_dir=args.data_dir, device=args.device,
+        heldout=args.heldout, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+    )
+    result = run_variant(path.read_text(), settings, run_dir=args.run_dir)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(format_result(result))
+    return 0 if result.status == "ok" else 1
+
+
+def format_result(result) -> str:
+    rows = [("status", result.status)]
+    if result.reason:
+        rows.append(("reason", result.reason))
+    for key in ("val_bpb", "heldout_bpb", "eval_tokens", "eval_seconds"):
+        if key in result.metrics:
+            value = result.metrics[key]
+            rows.append((key, f"{value:.6f}" if isinstance(value, float) else str(value)))
+    rows += [
+        ("wall_seconds", f"{result.wall_seconds:.1f}"),
+        ("peak_memory_mb", f"{result.peak_memory_mb:.0f}"),
+        ("run_dir", result.run_dir),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    if result.status != "ok" and result.log_tail:
+        lines += ["", "log tail:", result.log_tail]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evo", description="Evolve ML training scripts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prepare", add_help=False, help="build the data directory (runs prepare.py; see evo prepare --help)")
+    p.set_defaults(handler=_cmd_prepare)
+
+    p = sub.add_parser("eval", help="run one variant through the isolated runner and print its result record")
+    p.add_argument("file", help="the variant, a train.py file")
+    p.add_argument("--seed", type=int, default=0, help="EVO_SEED (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=60.0, help="training seconds (default: %(default)s)")
+    p.add_argument("--device", default=prepare.DEVICE, help="cuda, cpu or mps (default: %(default)s)")
+    p.add_argument("--data-dir", default=prepare.DATA_DIR, help="prepared data (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=prepare.MAX_SEQ_LEN, help="evaluation context (default: %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=prepare.EVAL_TOKENS, help="validation tokens scored (default: %(default)s)")
+    p.add_argument("--heldout", action="store_true", help="also score the held-out split (written to the metrics file only)")
+    p.add_argument("--run-dir", default=None, help="where to keep train.py, log and metrics (default: a new temp dir)")
+    p.add_argument("--json", action="store_true", help="print the result record as JSON")
+    p.set_defaults(handler=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    # `evo prepare ...` hands every argument after the word to prepare.py's own parser.
+    if argv[:1] == ["prepare"]:
+        return _cmd_prepare(argparse.Namespace(), argv[1:])
+    args = parser.parse_args(argv)
+    return args.handler(args, [])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

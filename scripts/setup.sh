@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Creates .venv and installs evo into it. Idempotent; used by both README commands and CI.
+# On a machine without an NVIDIA GPU the pinned CPU build of torch goes in first, so pip never
+# pulls a multi-GB CUDA build; with a GPU, pip's default (CUDA) build is used. Override with
+# EVO_TORCH_SPEC (e.g. EVO_TORCH_SPEC='torch==2.14.1').
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --quiet --disable-pip-version-check)
+if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
+  if [ -n "${EVO_TORCH_SPEC:-}" ]; then
+    "${pip[@]}" install "$EVO_TORCH_SPEC"
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    "${pip[@]}" install torch
+  else
+    "${pip[@]}" install torch==2.13.0
+  fi
+fi
+"${pip[@]}" install -e ".[dev]"
+.venv/bin/python -c "import evo, prepare, trainer, torch" || { echo "setup: evo did not install" >&2; exit 1; }
