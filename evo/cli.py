@@ -38,6 +38,54 @@ def _cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
     return 0 if result.status == "ok" else 1
 
 
+def _finish_run(engine, how: str) -> int:
+    from evo.report import export, status_text
+
+    run_dir = engine.store.dir
+    try:
+        reason = engine.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: running variants killed, checkpoint written. Continue with: evo resume {run_dir}")
+        return 130
+    print(f"\nrun {how}: {reason}\n")
+    print(status_text(run_dir))
+    if engine.population.best() is not None:
+        out = export(run_dir)
+        print(f"\nresults: {run_dir}\nbest variant exported to: {out}/train.py (metadata.json, seed.diff beside it)")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
+    from evo.config import load_config
+    from evo.runs import start_run
+
+    config = load_config(args.config, args.set)
+    engine = start_run(config, args.config)
+    print(f"run directory: {engine.store.dir}")
+    return _finish_run(engine, "finished")
+
+
+def _cmd_resume(args: argparse.Namespace, rest: list[str]) -> int:
+    from evo.runs import resume_run
+
+    return _finish_run(resume_run(args.run_dir, args.set), "finished")
+
+
+def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
+    from evo.report import status_text
+
+    print(status_text(args.run_dir, top=args.top))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
+    from evo.report import export
+
+    out = export(args.run_dir, args.out)
+    print(f"exported to {out}: train.py, metadata.json, seed.diff")
+    return 0
+
+
 def format_result(result) -> str:
     rows = [("status", result.status)]
     if result.reason:
@@ -77,6 +125,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="where to keep train.py, log and metrics (default: a new temp dir)")
     p.add_argument("--json", action="store_true", help="print the result record as JSON")
     p.set_defaults(handler=_cmd_eval)
+
+    override_help = "override a config key, e.g. --set budget.seconds=60 (repeatable)"
+    p = sub.add_parser("run", help="start an evolution from a YAML config")
+    p.add_argument("config", help="the run configuration, e.g. configs/default.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=override_help)
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("resume", help="continue a run from its checkpoint")
+    p.add_argument("run_dir")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=override_help + "; e.g. raise stopping.max_evaluations to extend a finished run")
+    p.set_defaults(handler=_cmd_resume)
+
+    p = sub.add_parser("status", help="best variants, counts by status and operator, time used")
+    p.add_argument("run_dir")
+    p.add_argument("--top", type=int, default=5, help="how many of the best to list (default: %(default)s)")
+    p.set_defaults(handler=_cmd_status)
+
+    p = sub.add_parser("export", help="write the best variant's train.py, metadata.json and a diff against the seed")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    p.set_defaults(handler=_cmd_export)
     return parser
 
 
@@ -87,7 +157,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["prepare"]:
         return _cmd_prepare(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
-    return args.handler(args, [])
+    from evo.config import ConfigError
+    from evo.store import StoreError
+
+    try:
+        return args.handler(args, [])
+    except (ConfigError, StoreError, prepare.PrepareError) as e:
+        print(f"evo {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

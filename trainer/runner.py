@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -43,6 +44,10 @@ ENV_ALLOW_LIST = (
 
 POLL_SECONDS = 0.2
 LOG_TAIL_LINES = 40
+
+
+class RunCancelled(Exception):
+    """The caller asked the run to stop (Ctrl-C); its processes are dead, no result is recorded."""
 
 
 class PrepareChanged(RuntimeError):
@@ -158,8 +163,13 @@ def classify_failure(returncode: int, log_tail: str) -> tuple[str, str]:
     return "crash", f"exit code {returncode}"
 
 
-def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = None) -> RunResult:
-    """Evaluate one variant; every failure of the variant comes back as a status, not an exception."""
+def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = None,
+                run_token: str | None = None, cancel: threading.Event | None = None) -> RunResult:
+    """Evaluate one variant; every failure of the variant comes back as a status, not an exception.
+
+    run_token tags every process of the run (a caller that records it can sweep leftovers after
+    its own crash); setting `cancel` kills the run and raises RunCancelled.
+    """
     expected = settings.expected_prepare_hash or prepare_hash()
     if prepare_hash() != expected:
         raise PrepareChanged(
@@ -180,7 +190,7 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
     # except through the environment prepare reads.
     private = Path(tempfile.mkdtemp(prefix="evo-metrics-"))
     metrics_path = private / f"{uuid.uuid4().hex}.json"
-    run_token = uuid.uuid4().hex
+    run_token = run_token or uuid.uuid4().hex
     env = child_environment(settings, str(metrics_path), run_token)
 
     started = time.monotonic()
@@ -205,6 +215,9 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
             if settings.memory_limit_mb and peak_mb > settings.memory_limit_mb:
                 killed_for = "oom"
                 break
+            if cancel is not None and cancel.is_set():
+                killed_for = "cancelled"
+                break
             time.sleep(POLL_SECONDS)
     finally:
         # Always, even after a clean exit: the group first, then anything that left the group
@@ -214,6 +227,9 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
             child.wait()
         processes.kill_by_token(run_token)
     wall = time.monotonic() - started
+    if killed_for == "cancelled":
+        shutil.rmtree(private, ignore_errors=True)
+        raise RunCancelled(str(run_dir))
 
     result = RunResult(status="ok", wall_seconds=round(wall, 3), peak_memory_mb=round(peak_mb, 1),
                        returncode=child.returncode, run_dir=str(run_dir))
@@ -255,5 +271,7 @@ def _classify(result: RunResult, killed_for: str | None, settings: RunSettings) 
 
 
 def _finish(run_dir: Path, result: RunResult) -> RunResult:
-    (run_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2))
+    tmp = run_dir / "result.json.tmp"
+    tmp.write_text(json.dumps(result.to_dict(), indent=2))
+    os.replace(tmp, run_dir / "result.json")  # present means complete: resume may trust it
     return result

@@ -38,9 +38,9 @@ WARMUP_FRAC = 0.05  # fractions of the time budget
 COOLDOWN_FRAC = 0.4
 FINAL_LR_FRAC = 0.05
 GRAD_CLIP = 1.0
-UNTIMED_STEPS = 2  # first steps are warm-up and are not charged to the budget
-EVAL_BATCH_SIZE = 16
-LOG_EVERY = 25
+UNTIMED_STEPS = 2  # evo: fixed. First steps are warm-up and are not charged to the budget
+EVAL_BATCH_SIZE = 16  # evo: fixed
+LOG_EVERY = 25  # evo: fixed
 
 SEQ_LEN = prepare.MAX_SEQ_LEN
 DEVICE = prepare.DEVICE

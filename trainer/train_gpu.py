@@ -37,10 +37,10 @@ WARMUP_FRAC = 0.0  # fractions of the time budget
 COOLDOWN_FRAC = 0.5
 FINAL_LR_FRAC = 0.0
 GRAD_CLIP = 1.0
-UNTIMED_STEPS = 10  # compile and warm-up steps are not charged to the budget
+UNTIMED_STEPS = 10  # evo: fixed. Compile and warm-up steps are not charged to the budget
 COMPILE = True
-EVAL_BATCH_SIZE = 32
-LOG_EVERY = 25
+EVAL_BATCH_SIZE = 32  # evo: fixed
+LOG_EVERY = 25  # evo: fixed
 
 SEQ_LEN = prepare.MAX_SEQ_LEN
 DEVICE = prepare.DEVICE

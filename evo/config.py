@@ -1,0 +1,160 @@
+"""Run configuration: YAML validated into typed models. The defaults here are the only ones.
+
+Unknown keys, wrong types and impossible values are rejected before anything runs, with the
+key's dotted path and what is allowed. `--set a.b=value` overrides apply on top of the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the key's path and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    name: str = Field("evo-run", description="run name; the run directory is <dir>/<name>")
+    dir: str = Field("runs", description="parent folder of run directories")
+
+
+class DataSection(Section):
+    dir: str | None = Field(None, description="prepared data directory; null: $EVO_DATA_DIR or ~/.cache/evo/data")
+    seq_len: int = Field(256, gt=0, description="context length evaluate_bpb scores at (EVO_SEQ_LEN)")
+    eval_tokens: int = Field(32768, gt=0, description="validation tokens scored per evaluation")
+
+
+class BudgetSection(Section):
+    seconds: float = Field(30.0, gt=0, description="training seconds per evaluation (EVO_TIME_BUDGET)")
+    startup_grace: float = Field(60.0, ge=0, description="seconds allowed for start-up and compile")
+    eval_grace: float = Field(60.0, ge=0, description="seconds allowed for the final evaluation")
+    memory_limit_mb: float | None = Field(None, gt=0, description="kill a variant above this resident memory")
+
+
+class PopulationSection(Section):
+    size: int = Field(8, ge=1, description="members kept per island (the best by val_bpb)")
+    islands: int = Field(2, ge=1, description="number of islands")
+    migration_interval: int = Field(6, ge=1, description="births between ring migrations")
+    migration_count: int = Field(1, ge=1, description="best members each island sends to the next")
+    tournament_size: int = Field(2, ge=1, description="members drawn per tournament; the best becomes a parent")
+
+
+class CascadeSection(Section):
+    smoke_seconds: float = Field(0.0, ge=0, description="0: off; else a short run that must succeed before the full run")
+
+
+class StoppingSection(Section):
+    max_evaluations: int | None = Field(20, ge=1, description="evaluations (full runs) in total, seed included")
+    max_hours: float | None = Field(None, gt=0, description="wall-clock hours of the run, resumes included")
+    target_val_bpb: float | None = Field(None, gt=0, description="stop once a variant reaches this val_bpb")
+
+    @model_validator(mode="after")
+    def _some_limit(self):
+        if self.max_evaluations is None and self.max_hours is None and self.target_val_bpb is None:
+            raise ValueError("set at least one of max_evaluations, max_hours, target_val_bpb, or the run never ends")
+        return self
+
+
+class WorkersSection(Section):
+    count: int | Literal["auto"] = Field("auto", description="parallel evaluations; auto: one per GPU, else 1")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda if available, else cpu")
+    gpus: list[int] | None = Field(None, description="GPU indices to use; null: all visible")
+    threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per variant; null: cores / workers")
+
+
+class ExecutorSection(Section):
+    kind: Literal["local"] = Field("local", description="local processes (a Ray executor will follow)")
+
+
+class Config(Section):
+    run: RunSection = RunSection()
+    seed_file: str = Field("trainer/train_cpu.py", description="the seed variant; relative paths from the config's folder's parent, then the cwd")
+    seed: int = Field(0, description="the engine's RNG seed (parent choice, operators)")
+    data: DataSection = DataSection()
+    budget: BudgetSection = BudgetSection()
+    population: PopulationSection = PopulationSection()
+    operators: dict[str, float] = Field(default_factory=lambda: {"perturb": 1.0}, description="operator name -> weight")
+    cascade: CascadeSection = CascadeSection()
+    stopping: StoppingSection = StoppingSection()
+    workers: WorkersSection = WorkersSection()
+    executor: ExecutorSection = ExecutorSection()
+
+    @field_validator("operators")
+    @classmethod
+    def _weights(cls, value: dict[str, float]):
+        if not value or all(w <= 0 for w in value.values()):
+            raise ValueError("give at least one operator a positive weight")
+        if any(w < 0 for w in value.values()):
+            raise ValueError("operator weights must be >= 0")
+        from mutators.registry import OPERATORS
+
+        unknown = sorted(set(value) - set(OPERATORS))
+        if unknown:
+            raise ValueError(f"unknown operator {', '.join(unknown)}; available: {', '.join(sorted(OPERATORS))}")
+        return value
+
+
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in error.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = Config
+            for part in e["loc"][:-1]:
+                field = parent.model_fields.get(str(part))
+                parent = field.annotation if field and isinstance(field.annotation, type) else None
+                if parent is None:
+                    break
+            allowed = f"; allowed here: {', '.join(parent.model_fields)}" if parent else ""
+            lines.append(f"  {path}: unknown key{allowed}")
+        else:
+            lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """`budget.seconds=60` into a nested dict; the value is parsed as YAML (numbers, lists, null)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment!r}: write KEY=VALUE, e.g. --set budget.seconds=60")
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"no such config file: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

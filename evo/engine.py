@@ -1,0 +1,292 @@
+"""The evolution engine: asynchronous steady state over W workers, checkpointed after every result.
+
+The loop keeps every worker busy: the moment one frees up, a child is bred and started. There is
+no generation barrier. Every finished evaluation is written to the store before the next
+decision, so a crash loses at most the runs in flight, and resume re-queues exactly those.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import prepare
+from evo.config import Config
+from evo.population import PENDING, Individual, Population, normalized_hash
+from evo.store import RunStore
+from evo.workers import WorkerSlot, worker_slots
+from mutators import registry
+from mutators.base import Parent, Proposal, Refusal
+from trainer import processes
+from trainer.runner import RunCancelled, RunResult, RunSettings, run_variant
+
+BREED_ATTEMPTS = 20  # tries for a new, valid, unseen child before a worker waits
+
+
+@dataclass
+class Counters:
+    births: int = 0
+    evaluations: int = 0  # full evaluations finished (any status)
+    duplicates: int = 0
+    by_status: dict = field(default_factory=dict)
+    refusals: dict = field(default_factory=dict)  # operator -> reason -> count
+    proposed: dict = field(default_factory=dict)  # operator -> children offered
+    improved: dict = field(default_factory=dict)  # operator -> children better than their parent
+    smoke_failures: dict = field(default_factory=dict)
+    elapsed_seconds: float = 0.0  # wall time of finished sessions (resumes add up)
+
+
+class Engine:
+    def __init__(self, config: Config, store: RunStore, log: Callable[[str], None] = print):
+        self.config = config
+        self.store = store
+        self.log = log
+        self.population = Population(config.population.islands, config.population.size)
+        self.counters = Counters()
+        self.rng = random.Random(config.seed)
+        self.operators = registry.build(config)
+        self.slots = worker_slots(config)
+        self.cancel = threading.Event()
+        self.seed_code = (store.dir / "seed.py").read_text()
+        self.data_dir = config.data.dir or prepare.DATA_DIR
+        self.prepare_hash = store.run_info()["prepare_hash"]
+        self._session_start = time.monotonic()
+        self._in_flight: dict[Future, tuple[Individual, WorkerSlot]] = {}
+
+    # ---- state ----
+    def state(self) -> dict:
+        c = self.counters
+        return {
+            "counters": {**c.__dict__, "elapsed_seconds": self.elapsed_seconds()},
+            "rng": _rng_to_json(self.rng.getstate()),
+            "migrants": self.population.migrants,
+        }
+
+    def restore(self, individuals: list[Individual], state: dict) -> None:
+        for individual in individuals:
+            self.population.add(individual)
+        self.counters = Counters(**state["counters"])
+        self.rng.setstate(_rng_from_json(state["rng"]))
+        self.population.migrants = state["migrants"]
+        self._session_start = time.monotonic()
+
+    def checkpoint(self) -> None:
+        self.store.save(list(self.population.individuals.values()), self.state())
+
+    def elapsed_seconds(self) -> float:
+        return self.counters.elapsed_seconds + (time.monotonic() - self._session_start)
+
+    # ---- stopping ----
+    def stop_reason(self) -> str | None:
+        s = self.config.stopping
+        started = self.counters.evaluations + len(self._in_flight)
+        if s.max_evaluations is not None and started >= s.max_evaluations:
+            return f"max_evaluations ({s.max_evaluations}) reached"
+        if s.max_hours is not None and self.elapsed_seconds() >= s.max_hours * 3600:
+            return f"max_hours ({s.max_hours}) reached"
+        best = self.population.best()
+        if s.target_val_bpb is not None and best is not None and best.val_bpb <= s.target_val_bpb:
+            return f"target val_bpb {s.target_val_bpb} reached by {best.id}"
+        return None
+
+    # ---- breeding ----
+    def _new_individual(self, code: str, operator: str, parents: list[str], island: int,
+                        details: dict | None = None, hypothesis: str = "") -> Individual:
+        self.counters.births += 1
+        return Individual(
+            id=f"v{self.counters.births:05d}", birth=self.counters.births, island=island, code=code,
+            code_hash=normalized_hash(code), operator=operator, parents=parents,
+            details=json.dumps(details or {}), hypothesis=hypothesis, eval_seed=self.config.seed,
+            created_at=time.time(),
+        )
+
+    def _choose_operator(self):
+        names = [n for n, w in self.config.operators.items() if w > 0]
+        weights = [self.config.operators[n] for n in names]
+        return self.operators[self.rng.choices(names, weights)[0]]
+
+    def breed(self) -> Individual | None:
+        """A new child that compiles and whose normalized code has never been seen, or None."""
+        for _ in range(BREED_ATTEMPTS):
+            island = self.counters.births % self.config.population.islands
+            operator = self._choose_operator()
+            parents = []
+            for _ in range(operator.parents_needed):
+                parent = self.population.tournament(island, self.config.population.tournament_size, self.rng)
+                if parent is None:
+                    return None
+                parents.append(parent)
+            proposal = operator.propose([Parent(p.id, p.code, p.val_bpb) for p in parents], self.rng)
+            if isinstance(proposal, Refusal):
+                reasons = self.counters.refusals.setdefault(operator.name, {})
+                reasons[proposal.reason] = reasons.get(proposal.reason, 0) + 1
+                continue
+            self.counters.proposed[operator.name] = self.counters.proposed.get(operator.name, 0) + 1
+            if self.population.known(normalized_hash(proposal.code)):
+                self.counters.duplicates += 1
+                continue
+            child = self._new_individual(proposal.code, proposal.operator, [p.id for p in parents], island,
+                                         proposal.details, proposal.hypothesis)
+            self._after_birth()
+            return child
+        return None
+
+    def _after_birth(self) -> None:
+        if self.counters.births % self.config.population.migration_interval == 0:
+            for member, island in self.population.migrate(self.config.population.migration_count):
+                self.log(f"migration: {member} joins island {island}")
+
+    def next_individual(self) -> Individual | None:
+        queued = [i for i in self.population.pending() if i not in (ind for ind, _ in self._in_flight.values())]
+        if queued:
+            return min(queued, key=lambda i: i.birth)  # re-queued after a resume
+        if not self.population.individuals:
+            return self._new_individual(self.seed_code, "seed", [], island=0)
+        return self.breed()
+
+    # ---- evaluation ----
+    def run_settings(self, slot: WorkerSlot, seconds: float | None = None, seed: int | None = None) -> RunSettings:
+        b, d = self.config.budget, self.config.data
+        return RunSettings(
+            time_budget=seconds or b.seconds, seed=self.config.seed if seed is None else seed,
+            data_dir=self.data_dir, device=slot.device, gpu=slot.gpu, threads=slot.threads,
+            seq_len=d.seq_len, eval_tokens=d.eval_tokens, startup_grace=b.startup_grace,
+            eval_grace=b.eval_grace, memory_limit_mb=b.memory_limit_mb, expected_prepare_hash=self.prepare_hash,
+        )
+
+    def evaluate(self, individual: Individual, slot: WorkerSlot) -> RunResult:
+        run_dir = self.store.variant_dir(individual.id)
+        smoke = self.config.cascade.smoke_seconds
+        if smoke and individual.operator != "seed":
+            settings = self.run_settings(slot, seconds=smoke)
+            settings.eval_tokens = min(settings.eval_tokens, 4 * settings.seq_len)
+            result = run_variant(individual.code, settings, run_dir / "smoke", individual.run_token, self.cancel)
+            if result.status != "ok":
+                result.reason = f"smoke run: {result.reason}"
+                return result
+        return run_variant(individual.code, self.run_settings(slot), run_dir, individual.run_token, self.cancel)
+
+    def record(self, individual: Individual, result: RunResult, slot: WorkerSlot) -> None:
+        individual.status = result.status
+        individual.reason = result.reason
+        individual.metrics = json.dumps(result.metrics)
+        individual.val_bpb = result.val_bpb
+        individual.wall_seconds = result.wall_seconds
+        individual.peak_memory_mb = result.peak_memory_mb
+        individual.device = slot.label
+        individual.finished_at = time.time()
+        individual.run_token = ""
+        c = self.counters
+        c.evaluations += 1
+        c.by_status[result.status] = c.by_status.get(result.status, 0) + 1
+        if result.reason.startswith("smoke run:"):
+            c.smoke_failures[result.status] = c.smoke_failures.get(result.status, 0) + 1
+        parent = self.population.individuals.get(individual.parents[0]) if individual.parents else None
+        if individual.evaluated_ok and parent is not None and parent.val_bpb is not None and individual.val_bpb < parent.val_bpb:
+            c.improved[individual.operator] = c.improved.get(individual.operator, 0) + 1
+
+    def adopt_finished_results(self) -> int:
+        """After a crash: evaluations that finished (result.json written) but were not checkpointed."""
+        adopted = 0
+        for individual in self.population.pending():
+            path = self.store.variant_dir(individual.id) / "result.json"
+            if path.is_file():
+                data = json.loads(path.read_text())
+                self.record(individual, RunResult(**data), _slot_from_label(individual.device))
+                adopted += 1
+        return adopted
+
+    def sweep_leftovers(self) -> int:
+        """Kill processes of evaluations that were in flight when the engine died."""
+        return sum(processes.kill_by_token(i.run_token) for i in self.population.pending() if i.run_token)
+
+    # ---- the loop ----
+    def run(self) -> str:
+        free = list(self.slots)
+        pool = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="evo-worker")
+        reason = None
+        try:
+            while True:
+                reason = reason or self.stop_reason()
+                while free and reason is None:
+                    individual = self.next_individual()
+                    if individual is None:
+                        if not self._in_flight:
+                            reason = "no new child could be bred (all proposals refused or duplicates)"
+                        break
+                    slot = free.pop(0)
+                    individual.run_token = uuid.uuid4().hex
+                    individual.device = slot.label
+                    self.population.add(individual)
+                    self.checkpoint()  # recorded as pending before it runs: resume re-queues it
+                    self._in_flight[pool.submit(self.evaluate, individual, slot)] = (individual, slot)
+                    reason = self.stop_reason()
+                if not self._in_flight:
+                    break
+                done, _ = wait(list(self._in_flight), return_when=FIRST_COMPLETED)
+                for future in done:
+                    individual, slot = self._in_flight.pop(future)
+                    free.append(slot)
+                    self.record(individual, future.result(), slot)
+                    self.checkpoint()
+                    self._report(individual)
+                reason = self.stop_reason() if reason is None else reason
+        except KeyboardInterrupt:
+            reason = "interrupted"
+            self.cancel.set()
+            for future in list(self._in_flight):
+                try:
+                    future.result()
+                except RunCancelled:
+                    pass  # stays pending; resume re-runs it
+                else:
+                    individual, slot = self._in_flight[future]
+                    self.record(individual, future.result(), slot)
+            self._in_flight.clear()
+            raise
+        finally:
+            pool.shutdown(wait=True)
+            self.counters.elapsed_seconds = self.elapsed_seconds()
+            self._session_start = time.monotonic()
+            self.checkpoint()
+        return reason or "done"
+
+    def _report(self, individual: Individual) -> None:
+        best = self.population.best()
+        total = self.config.stopping.max_evaluations
+        value = f"{individual.val_bpb:.4f}" if individual.val_bpb is not None else "-"
+        best_text = f"{best.val_bpb:.4f} ({best.id})" if best else "-"
+        busy = len(self._in_flight)
+        self.log(
+            f"[{self.counters.evaluations}{'/' + str(total) if total else ''}] {individual.id} "
+            f"{individual.operator:<8} {individual.status:<10} val_bpb {value}  best {best_text}  "
+            f"workers busy {busy}/{len(self.slots)}  {_clock(self.elapsed_seconds())}"
+            + (f"  | {individual.hypothesis}" if individual.hypothesis else "")
+        )
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _slot_from_label(label: str) -> WorkerSlot:
+    return WorkerSlot(label=label or "cpu", device="cpu", gpu=None, threads=None)
+
+
+def _rng_to_json(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(data) -> tuple:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)

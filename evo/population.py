@@ -1,0 +1,123 @@
+"""Individuals, islands, and how parents are chosen.
+
+Each island keeps as members its best `size` evaluated individuals (truncation replacement, so
+the best are never lost: elitism is built in), plus the migrants it received. Parents come from
+a tournament among an island's members; failed variants are never members.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import random
+from dataclasses import asdict, dataclass, field, fields
+
+PENDING = "pending"  # bred and recorded, evaluation not finished (re-queued on resume)
+
+
+@dataclass
+class Individual:
+    id: str
+    birth: int
+    island: int
+    code: str
+    code_hash: str
+    operator: str
+    parents: list[str] = field(default_factory=list)
+    details: str = "{}"  # JSON from the operator
+    hypothesis: str = ""
+    status: str = PENDING
+    reason: str = ""
+    val_bpb: float | None = None
+    metrics: str = "{}"  # JSON, as evaluate_bpb wrote it
+    eval_seed: int = 0
+    wall_seconds: float | None = None
+    peak_memory_mb: float | None = None
+    device: str = ""
+    llm_tokens: int = 0
+    run_token: str = ""  # identifies the evaluation's processes while it runs
+    created_at: float = 0.0
+    finished_at: float | None = None
+
+    @property
+    def evaluated_ok(self) -> bool:
+        return self.status == "ok" and self.val_bpb is not None
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+INDIVIDUAL_FIELDS = [f.name for f in fields(Individual)]
+
+
+def normalized_hash(code: str) -> str:
+    """Hash of the code with comments, whitespace and formatting ignored."""
+    try:
+        canonical = ast.unparse(ast.parse(code))
+    except SyntaxError:
+        canonical = code
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+class Population:
+    def __init__(self, islands: int, size: int):
+        self.n_islands = islands
+        self.size = size
+        self.individuals: dict[str, Individual] = {}
+        self.by_hash: dict[str, str] = {}
+        self.migrants: list[list[str]] = [[] for _ in range(islands)]
+
+    def add(self, individual: Individual) -> None:
+        self.individuals[individual.id] = individual
+        self.by_hash.setdefault(individual.code_hash, individual.id)
+
+    def known(self, code_hash: str) -> bool:
+        return code_hash in self.by_hash
+
+    def members(self, island: int) -> list[Individual]:
+        """The island's best evaluated individuals, best first."""
+        ids = {i.id for i in self.individuals.values() if i.island == island} | set(self.migrants[island])
+        ok = [self.individuals[i] for i in ids if self.individuals[i].evaluated_ok]
+        ok.sort(key=lambda i: (i.val_bpb, i.birth))
+        return ok[: self.size]
+
+    def tournament(self, island: int, k: int, rng: random.Random) -> Individual | None:
+        members = self.members(island)
+        if not members:
+            members = self.ranked()[: self.size]  # an empty island borrows from the whole run
+        if not members:
+            return None
+        drawn = rng.sample(members, k=min(k, len(members)))
+        return min(drawn, key=lambda i: (i.val_bpb, i.birth))
+
+    def ranked(self) -> list[Individual]:
+        ok = [i for i in self.individuals.values() if i.evaluated_ok]
+        return sorted(ok, key=lambda i: (i.val_bpb, i.birth))
+
+    def best(self) -> Individual | None:
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+    def migrate(self, count: int) -> list[tuple[str, int]]:
+        """Ring migration: each island's best `count` members join the next island."""
+        if self.n_islands < 2:
+            return []
+        moves = []
+        for island in range(self.n_islands):
+            target = (island + 1) % self.n_islands
+            for member in self.members(island)[:count]:
+                if member.id not in self.migrants[target] and member.island != target:
+                    self.migrants[target].append(member.id)
+                    moves.append((member.id, target))
+        return moves
+
+    def pending(self) -> list[Individual]:
+        return [i for i in self.individuals.values() if i.status == PENDING]
+
+    def lineage(self, individual_id: str) -> list[Individual]:
+        """The individual, its first parent, that parent's first parent, ... back to the seed."""
+        chain, current = [], self.individuals.get(individual_id)
+        while current is not None:
+            chain.append(current)
+            current = self.individuals.get(current.parents[0]) if current.parents else None
+        return chain

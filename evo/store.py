@@ -1,0 +1,110 @@
+"""The run directory: everything needed to resume, written so a kill -9 loses nothing finished.
+
+    run_dir/
+      config.yaml           the frozen configuration
+      run.json              data fingerprint, prepare.py hash, seed file, creation time
+      seed.py               the seed variant as it was at the start
+      population.parquet    every individual plus the engine state (in the file's metadata)
+      population.prev.parquet   the previous good checkpoint
+      variants/<id>/        train.py, log.txt, metrics.json, result.json from the runner
+
+The population and the engine state (RNG, counters, migrants) travel in one Parquet file, so
+one os.replace switches both at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from evo.population import INDIVIDUAL_FIELDS, Individual
+
+SCHEMA_VERSION = "1"
+POPULATION = "population.parquet"
+PREVIOUS = "population.prev.parquet"
+
+
+class StoreError(Exception):
+    """The run directory cannot be used as asked; the message says why and what to do."""
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunStore:
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+
+    # ---- creation ----
+    def create(self, config_yaml: str, seed_code: str, run_info: dict) -> None:
+        if (self.dir / POPULATION).exists():
+            raise StoreError(f"{self.dir} already holds a run; use `evo resume {self.dir}` or another run.name")
+        (self.dir / "variants").mkdir(parents=True, exist_ok=True)
+        write_atomic(self.dir / "config.yaml", config_yaml.encode())
+        write_atomic(self.dir / "seed.py", seed_code.encode())
+        write_atomic(self.dir / "run.json", json.dumps({**run_info, "created": time.time()}, indent=2).encode())
+
+    def run_info(self) -> dict:
+        path = self.dir / "run.json"
+        if not path.is_file():
+            raise StoreError(f"{self.dir} is not an evo run directory (no run.json)")
+        return json.loads(path.read_text())
+
+    def variant_dir(self, individual_id: str) -> Path:
+        return self.dir / "variants" / individual_id
+
+    # ---- checkpoints ----
+    def save(self, individuals: list[Individual], state: dict) -> None:
+        columns = {name: [getattr(i, name) for i in individuals] for name in INDIVIDUAL_FIELDS}
+        table = pa.table(columns) if individuals else pa.table({name: pa.array([], pa.string()) for name in INDIVIDUAL_FIELDS})
+        table = table.replace_schema_metadata({"evo_schema": SCHEMA_VERSION, "evo_state": json.dumps(state)})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        current = self.dir / POPULATION
+        if current.exists():  # keep the last good checkpoint; a hard link never leaves a gap
+            link = self.dir / (PREVIOUS + ".tmp")
+            link.unlink(missing_ok=True)
+            os.link(current, link)
+            os.replace(link, self.dir / PREVIOUS)
+        write_atomic(current, sink.getvalue().to_pybytes())
+
+    def load(self) -> tuple[list[Individual], dict]:
+        errors = []
+        for name in (POPULATION, PREVIOUS):
+            path = self.dir / name
+            if not path.exists():
+                continue
+            try:
+                individuals, state = self._read(path)
+            except Exception as e:  # pyarrow raises several types for truncated/corrupt files
+                errors.append(f"{name}: {e}")
+                continue
+            if errors:
+                print(f"evo: warning: {errors[0]}; resuming from {name}, the previous good checkpoint", file=sys.stderr)
+            return individuals, state
+        if errors:
+            raise StoreError(f"no readable checkpoint in {self.dir}: " + "; ".join(errors))
+        raise StoreError(f"{self.dir} has no {POPULATION}; it is not a run directory, or the run never started")
+
+    @staticmethod
+    def _read(path: Path) -> tuple[list[Individual], dict]:
+        table = pq.read_table(path)
+        meta = table.schema.metadata or {}
+        version = meta.get(b"evo_schema", b"?").decode()
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"schema version {version}, this evo reads {SCHEMA_VERSION}")
+        state = json.loads(meta[b"evo_state"])
+        rows = table.to_pylist()
+        return [Individual(**row) for row in rows], state

@@ -1,0 +1,232 @@
+"""The engine end to end: real subprocess runs of a cheap stand-in variant, real checkpoints,
+real kill -9 and Ctrl-C, real resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from evo.config import load_config
+from evo.report import export, status_text
+from evo.runs import resume_run, start_run
+from evo.store import RunStore, StoreError
+
+STANDIN = Path(__file__).resolve().parent / "variants" / "standin.py"
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def run_processes() -> list[int]:
+    """Every live process that belongs to some evaluation (carries a run token)."""
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if b"EVO_RUN_TOKEN=" in Path(f"/proc/{pid}/environ").read_bytes() and alive(int(pid)):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture
+def setup_run(tmp_path, small_data):
+    """Writes a stand-in seed (with a ledger) and a config for it; returns the config path."""
+
+    def make(max_evaluations=6, workers=1, sleep=0.2, extra_code="", before_sleep="", **sections):
+        ledger = tmp_path / "ledger.txt"
+        code = STANDIN.read_text().replace('LEDGER = ""', f"LEDGER = {str(ledger)!r}")
+        code = code.replace("SLEEP = 0.2", f"SLEEP = {sleep}") + extra_code
+        code = code.replace("\ntime.sleep(SLEEP)", "\n" + before_sleep + "time.sleep(SLEEP)")
+        seed = tmp_path / "seed.py"
+        seed.write_text(code)
+        config = {
+            "run": {"name": "r", "dir": str(tmp_path / "runs")},
+            "seed_file": str(seed),
+            "data": {"dir": str(small_data), "seq_len": 32, "eval_tokens": 512},
+            "budget": {"seconds": 1, "startup_grace": 30, "eval_grace": 30},
+            "population": {"size": 4, "islands": 2, "migration_interval": 3},
+            "stopping": {"max_evaluations": max_evaluations},
+            "workers": {"count": workers, "device": "cpu", "threads_per_worker": 1},
+        }
+        for key, value in sections.items():
+            config.setdefault(key, {}).update(value)
+        path = tmp_path / "config.yaml"
+        import yaml
+
+        path.write_text(yaml.safe_dump(config))
+        return path, tmp_path / "runs" / "r", ledger
+
+    return make
+
+
+def ledger_counts(ledger: Path) -> tuple[Counter, Counter]:
+    lines = ledger.read_text().split() if ledger.exists() else []
+    starts = Counter(lines[i + 1] for i in range(0, len(lines), 2) if lines[i] == "start")
+    ends = Counter(lines[i + 1] for i in range(0, len(lines), 2) if lines[i] == "end")
+    return starts, ends
+
+
+def test_a_run_evaluates_checkpoints_and_exports(setup_run, tmp_path):
+    config_path, run_dir, ledger = setup_run(max_evaluations=6, workers=2)
+    engine = start_run(load_config(config_path), config_path, log=lambda line: None)
+    reason = engine.run()
+    assert "max_evaluations (6)" in reason
+    individuals, state = RunStore(run_dir).load()
+    assert len(individuals) == 6 and all(i.status == "ok" for i in individuals)
+    assert individuals[0].operator == "seed" and all(i.parents for i in individuals[1:])
+    assert len({i.code_hash for i in individuals}) == 6  # no duplicate was evaluated
+    assert {i.device for i in individuals} == {"cpu#0", "cpu#1"}
+    assert state["counters"]["evaluations"] == 6
+    for individual in individuals:
+        assert (run_dir / "variants" / individual.id / "result.json").is_file()
+    starts, ends = ledger_counts(ledger)
+    assert set(ends.values()) == {1} and len(ends) == 6
+
+    text = status_text(run_dir)
+    assert "evaluations: 6" in text and "ok 6" in text and "perturb" in text
+    out = export(run_dir, tmp_path / "best")
+    best = min(individuals, key=lambda i: i.val_bpb)
+    assert (out / "train.py").read_text() == best.code
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["id"] == best.id and meta["lineage"][-1]["operator"] == "seed"
+    assert (out / "seed.diff").read_text().startswith("---") or best.operator == "seed"
+
+
+def test_failing_variants_are_data_and_never_parents(setup_run):
+    # Every child of the seed crashes once its QUALITY changes; the run must go on regardless.
+    extra = "\nif QUALITY != 0.5:\n    raise RuntimeError('deliberate failure')\n"
+    config_path, run_dir, _ = setup_run(max_evaluations=4, extra_code=extra)
+    engine = start_run(load_config(config_path), config_path, log=lambda line: None)
+    engine.run()
+    individuals, _ = RunStore(run_dir).load()
+    failed = {i.id for i in individuals if i.status != "ok"}
+    assert all(i.status in ("ok", "crash") for i in individuals)
+    assert not any(set(i.parents) & failed for i in individuals)
+
+
+def _wait_for_evaluations(run_dir: Path, n: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            _, state = RunStore(run_dir).load()
+            if state["counters"]["evaluations"] >= n:
+                return
+        except (StoreError, OSError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} evaluations after {timeout}s")
+
+
+def _evo(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "evo.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_kill_9_at_several_points_loses_nothing_and_runs_nothing_twice(setup_run):
+    # The seed forks a daemon that leaves the process group: only resume's sweep can find it.
+    daemon = ("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
+              " start_new_session=True)\n")
+    config_path, run_dir, ledger = setup_run(max_evaluations=9, sleep=1.0, before_sleep=daemon)
+    engine = _evo("run", str(config_path))
+    seen_leftovers = []
+    for kill_after in (2, 4, 6):
+        _wait_for_evaluations(run_dir, kill_after)
+        time.sleep(0.5)  # inside the next evaluation
+        engine.send_signal(signal.SIGKILL)
+        engine.wait()
+        time.sleep(0.3)
+        leftovers = run_processes()
+        seen_leftovers += leftovers
+        # The variant itself dies with the engine (PDEATHSIG); its setsid daemon may not, until resume.
+        engine = _evo("resume", str(run_dir))
+        _wait_for_evaluations(run_dir, kill_after + 1)
+        assert not [p for p in leftovers if alive(p)], "resume must kill what the dead engine left behind"
+    assert seen_leftovers, "the scenario should have left a daemon behind at least once"
+    output, _ = engine.communicate(timeout=180)
+    assert engine.returncode == 0, output
+    assert "best variant exported" in output
+
+    individuals, state = RunStore(run_dir).load()
+    assert state["counters"]["evaluations"] == 9 and len(individuals) == 9
+    assert all(i.status == "ok" for i in individuals)
+    starts, ends = ledger_counts(ledger)
+    assert set(ends) == {i.id for i in individuals}
+    assert set(ends.values()) == {1}, f"an evaluation finished twice: {ends}"
+    assert not run_processes()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_cleanly_and_resume_finishes(setup_run):
+    config_path, run_dir, ledger = setup_run(max_evaluations=4, sleep=3.0)
+    engine = _evo("run", str(config_path))
+    _wait_for_evaluations(run_dir, 1)
+    time.sleep(1.5)  # the second evaluation is sleeping
+    assert run_processes()
+    engine.send_signal(signal.SIGINT)
+    output, _ = engine.communicate(timeout=60)
+    assert engine.returncode == 130 and "evo resume" in output
+    assert not run_processes()
+    individuals, _ = RunStore(run_dir).load()
+    assert [i.status for i in individuals].count("pending") == 1
+    resumed = _evo("resume", str(run_dir))
+    output, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, output
+    individuals, state = RunStore(run_dir).load()
+    assert state["counters"]["evaluations"] == 4 and all(i.status == "ok" for i in individuals)
+
+
+def test_a_finished_result_not_yet_checkpointed_is_adopted_not_rerun(setup_run):
+    config_path, run_dir, ledger = setup_run(max_evaluations=3)
+    engine = start_run(load_config(config_path), config_path, log=lambda line: None)
+    engine.run()
+    # Rewind the checkpoint so the last evaluation looks in flight, as after a crash right
+    # between the runner writing result.json and the engine's checkpoint.
+    store = RunStore(run_dir)
+    individuals, state = store.load()
+    last = individuals[-1]
+    last.status, last.val_bpb = "pending", None
+    state["counters"]["evaluations"] -= 1
+    state["counters"]["by_status"]["ok"] -= 1
+    store.save(individuals, state)
+    resumed = resume_run(run_dir, log=lambda line: None)
+    resumed.run()
+    individuals, state = store.load()
+    assert state["counters"]["evaluations"] == 3 and all(i.status == "ok" for i in individuals)
+    starts, ends = ledger_counts(ledger)
+    assert ends[last.id] == 1 and starts[last.id] == 1
+
+
+def test_resume_refuses_other_data_or_a_changed_prepare(setup_run):
+    config_path, run_dir, _ = setup_run(max_evaluations=1)
+    start_run(load_config(config_path), config_path, log=lambda line: None).run()
+    info_path = run_dir / "run.json"
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "data_fingerprint": "0123456789abcdef"}))
+    with pytest.raises(StoreError, match="not the data this run used"):
+        resume_run(run_dir)
+    info_path.write_text(json.dumps({**info, "prepare_hash": "f" * 64}))
+    with pytest.raises(StoreError, match="prepare.py changed"):
+        resume_run(run_dir)
+
+
+def test_resume_with_a_higher_limit_extends_a_finished_run(setup_run):
+    config_path, run_dir, ledger = setup_run(max_evaluations=2)
+    start_run(load_config(config_path), config_path, log=lambda line: None).run()
+    resume_run(run_dir, ["stopping.max_evaluations=4"], log=lambda line: None).run()
+    individuals, state = RunStore(run_dir).load()
+    assert state["counters"]["evaluations"] == 4 and len(individuals) == 4

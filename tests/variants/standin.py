@@ -1,0 +1,41 @@
+"""A cheap stand-in variant for engine tests: no training, a score that depends on its constants.
+
+It predicts the unigram distribution of the train split, sharpened or flattened by QUALITY
+(1.0 is best), so perturbing QUALITY moves val_bpb. LEDGER, if set, records each run's start
+and end so tests can prove no evaluation ran twice.
+"""
+import os
+import time
+
+import numpy as np
+import torch
+
+import prepare
+
+QUALITY = 0.5
+SLEEP = 0.2
+LEDGER = ""
+
+run_id = os.path.basename(os.getcwd())
+if LEDGER:
+    with open(LEDGER, "a") as f:
+        f.write(f"start {run_id}\n")
+time.sleep(SLEEP)
+tok = prepare.get_tokenizer()
+counts = np.bincount(np.fromfile(os.path.join(prepare.DATA_DIR, "train.bin"), dtype=np.uint16), minlength=tok.vocab_size)
+log_freq = torch.tensor(np.log(counts + 1.0), dtype=torch.float32)
+
+
+class Unigram(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(log_freq * QUALITY)
+
+    def forward(self, idx):
+        return self.w.expand(*idx.shape, -1)
+
+
+print(f"val_bpb: {prepare.evaluate_bpb(Unigram(), tok, 8):.6f}")
+if LEDGER:
+    with open(LEDGER, "a") as f:
+        f.write(f"end {run_id}\n")
