@@ -39,11 +39,14 @@ def _cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _finish_run(engine, how: str) -> int:
+    from evo.progress import Display
     from evo.report import export, status_text
 
     run_dir = engine.store.dir
     try:
-        reason = engine.run()
+        with Display() as display:
+            engine.log, engine.on_tick = display.log, display.update
+            reason = engine.run()
     except KeyboardInterrupt:
         print(f"\ninterrupted: running variants killed, checkpoint written. Continue with: evo resume {run_dir}")
         return 130

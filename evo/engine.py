@@ -21,6 +21,7 @@ from typing import Callable
 import prepare
 from evo.config import Config
 from evo.population import PENDING, Individual, Population, normalized_hash
+from evo.progress import Snapshot, clock
 from evo.store import RunStore
 from evo.workers import WorkerSlot, worker_slots
 from mutators import registry
@@ -45,10 +46,12 @@ class Counters:
 
 
 class Engine:
-    def __init__(self, config: Config, store: RunStore, log: Callable[[str], None] = print):
+    def __init__(self, config: Config, store: RunStore, log: Callable[[str], None] = print,
+                 on_tick: Callable[[Snapshot], None] = lambda snapshot: None):
         self.config = config
         self.store = store
         self.log = log
+        self.on_tick = on_tick
         self.population = Population(config.population.islands, config.population.size)
         self.counters = Counters()
         self.rng = random.Random(config.seed)
@@ -231,7 +234,8 @@ class Engine:
                     reason = self.stop_reason()
                 if not self._in_flight:
                     break
-                done, _ = wait(list(self._in_flight), return_when=FIRST_COMPLETED)
+                self.on_tick(self.snapshot())
+                done, _ = wait(list(self._in_flight), timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in done:
                     individual, slot = self._in_flight.pop(future)
                     free.append(slot)
@@ -259,6 +263,23 @@ class Engine:
             self.checkpoint()
         return reason or "done"
 
+    def snapshot(self) -> Snapshot:
+        best = self.population.best()
+        s = self.config.stopping
+        elapsed = self.elapsed_seconds()
+        left = []
+        if s.max_hours is not None:
+            left.append(max(0.0, s.max_hours * 3600 - elapsed))
+        if s.max_evaluations is not None and self.counters.evaluations:
+            per_evaluation = elapsed / self.counters.evaluations  # parallel workers already in it
+            left.append(max(0, s.max_evaluations - self.counters.evaluations) * per_evaluation)
+        return Snapshot(
+            done=self.counters.evaluations, limit=s.max_evaluations,
+            best=best.val_bpb if best else None, best_id=best.id if best else None,
+            busy=len(self._in_flight), workers=len(self.slots), elapsed=elapsed,
+            time_left=min(left) if left else None,
+        )
+
     def _report(self, individual: Individual) -> None:
         best = self.population.best()
         total = self.config.stopping.max_evaluations
@@ -268,14 +289,9 @@ class Engine:
         self.log(
             f"[{self.counters.evaluations}{'/' + str(total) if total else ''}] {individual.id} "
             f"{individual.operator:<8} {individual.status:<10} val_bpb {value}  best {best_text}  "
-            f"workers busy {busy}/{len(self.slots)}  {_clock(self.elapsed_seconds())}"
+            f"workers busy {busy}/{len(self.slots)}  {clock(self.elapsed_seconds())}"
             + (f"  | {individual.hypothesis}" if individual.hypothesis else "")
         )
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def _slot_from_label(label: str) -> WorkerSlot:

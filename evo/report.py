@@ -6,8 +6,9 @@ import difflib
 import json
 from pathlib import Path
 
-from evo.engine import Counters, _clock
+from evo.engine import Counters
 from evo.population import Population
+from evo.progress import clock
 from evo.store import RunStore, StoreError
 
 
@@ -26,7 +27,7 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
     lines = [
         f"run: {store.dir}",
         f"evaluations: {counters.evaluations}   births: {counters.births}   duplicates skipped: {counters.duplicates}   "
-        f"time used: {_clock(counters.elapsed_seconds)}   data: {info['data_fingerprint']}",
+        f"time used: {clock(counters.elapsed_seconds)}   data: {info['data_fingerprint']}",
         "",
         "best variants:",
         f"  {'id':<8} {'val_bpb':>9} {'operator':<10} {'parent':<8} hypothesis",

@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
-# The README's main-job command: set up, prepare the embedded corpus, then run the embedded
-# CPU default. No GPU, no internet, no API key.
+# The README's main-job command: set up, prepare the embedded corpus, then evolve the CPU seed
+# with configs/default.yaml (about 10-15 minutes on 2 cores; no GPU, no internet, no API key).
+# Extra arguments go to `evo run`, e.g. --set stopping.max_evaluations=30
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/evo prepare
-run_dir="runs/seed-eval-$(date +%Y%m%d-%H%M%S)"
-.venv/bin/evo eval trainer/train_cpu.py --budget 60 --run-dir "$run_dir"
-echo
-echo "results: $run_dir (train.py, log.txt, metrics.json, result.json)"
+.venv/bin/evo run configs/default.yaml --set "run.name=default-$(date +%Y%m%d-%H%M%S)" "$@"

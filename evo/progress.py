@@ -1,0 +1,68 @@
+"""What a person watching a run sees: a live status line on a terminal, plain log lines elsewhere."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class Snapshot:
+    done: int
+    limit: int | None
+    best: float | None
+    best_id: str | None
+    busy: int
+    workers: int
+    elapsed: float
+    time_left: float | None  # None: unknown
+
+
+def clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def status_line(s: Snapshot) -> str:
+    done = f"{s.done}/{s.limit}" if s.limit else str(s.done)
+    best = f"{s.best:.4f} ({s.best_id})" if s.best is not None else "-"
+    left = clock(s.time_left) if s.time_left is not None else "?"
+    return (f"evaluations {done} | best val_bpb {best} | workers busy {s.busy}/{s.workers} | "
+            f"elapsed {clock(s.elapsed)} | left ~{left}")
+
+
+class Display:
+    """Log lines always; on a terminal also a live status line kept at the bottom (rich)."""
+
+    def __init__(self, live: bool | None = None):
+        self.live_enabled = sys.stdout.isatty() if live is None else live
+        self._live = None
+        self._text = None
+
+    def __enter__(self):
+        if self.live_enabled:
+            from rich.console import Console
+            from rich.live import Live
+            from rich.text import Text
+
+            self._text = Text("starting...")
+            self._live = Live(self._text, console=Console(), refresh_per_second=2, transient=True)
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._live is not None:
+            self._live.__exit__(*exc)
+            self._live = None
+
+    def log(self, line: str) -> None:
+        if self._live is not None:
+            self._live.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, flush=True)
+
+    def update(self, snapshot: Snapshot) -> None:
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.update(Text(status_line(snapshot)))
