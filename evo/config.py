@@ -70,6 +70,49 @@ class WorkersSection(Section):
     threads_per_worker: int | None = Field(None, ge=1, description="CPU threads per variant; null: cores / workers")
 
 
+class PerturbSettings(Section):
+    max_changes: int = Field(2, ge=1, description="constants moved per child, at most")
+
+
+class CrossoverSettings(Section):
+    max_taken: int = Field(3, ge=1, description="top-level definitions taken from the second parent, at most")
+
+
+class OptunaSettings(Section):
+    sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="Optuna sampler")
+
+
+class LLMSettings(Section):
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp)")
+    models: dict[str, float] = Field(default_factory=lambda: {"gpt-4.1-mini": 1.0}, description="model name -> weight")
+    api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the key (never the key)")
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(4096, gt=0)
+    timeout: float = Field(120.0, gt=0, description="seconds per request")
+    retries: int = Field(3, ge=0, description="retries after 429, 5xx and timeouts, with exponential backoff")
+    concurrent_requests: int = Field(2, ge=1, description="requests in flight at once across all workers")
+    edit_format: Literal["diff", "full"] = Field("diff", description="SEARCH/REPLACE blocks, or a whole new file")
+    token_budget: int | None = Field(None, gt=0, description="total tokens; once spent, LLM operators switch off")
+    relatives: int = Field(2, ge=0, description="strong variants from other islands shown with their diffs")
+    failures: int = Field(3, ge=0, description="recent failures shown with their log tails")
+    ideas: int = Field(30, ge=0, description="ideas already tried, listed with their outcomes")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value):
+        if not value or any(w < 0 for w in value.values()) or not any(w > 0 for w in value.values()):
+            raise ValueError("give at least one model a positive weight")
+        return value
+
+
+class MutatorsSection(Section):
+    program: str = Field("program.md", description="research direction for the LLM operators")
+    perturb: PerturbSettings = PerturbSettings()
+    crossover: CrossoverSettings = CrossoverSettings()
+    optuna: OptunaSettings = OptunaSettings()
+    llm: LLMSettings = LLMSettings()
+
+
 class ExecutorSection(Section):
     kind: Literal["local"] = Field("local", description="local processes (a Ray executor will follow)")
 
@@ -82,6 +125,7 @@ class Config(Section):
     budget: BudgetSection = BudgetSection()
     population: PopulationSection = PopulationSection()
     operators: dict[str, float] = Field(default_factory=lambda: {"perturb": 1.0}, description="operator name -> weight")
+    mutators: MutatorsSection = MutatorsSection()
     cascade: CascadeSection = CascadeSection()
     stopping: StoppingSection = StoppingSection()
     workers: WorkersSection = WorkersSection()

@@ -25,7 +25,7 @@ from evo.progress import Snapshot, clock
 from evo.store import RunStore
 from evo.workers import WorkerSlot, worker_slots
 from mutators import registry
-from mutators.base import Parent, Proposal, Refusal
+from mutators.base import Context, Failure, Idea, Parent, Refusal, Relative
 from trainer import processes
 from trainer.runner import RunCancelled, RunResult, RunSettings, run_variant
 
@@ -55,14 +55,17 @@ class Engine:
         self.population = Population(config.population.islands, config.population.size)
         self.counters = Counters()
         self.rng = random.Random(config.seed)
-        self.operators = registry.build(config)
+        self.operators = registry.build(config, store.dir)
         self.slots = worker_slots(config)
         self.cancel = threading.Event()
         self.seed_code = (store.dir / "seed.py").read_text()
         self.data_dir = config.data.dir or prepare.DATA_DIR
         self.prepare_hash = store.run_info()["prepare_hash"]
         self._session_start = time.monotonic()
-        self._in_flight: dict[Future, tuple[Individual, WorkerSlot]] = {}
+        self._in_flight: dict[Future, WorkerSlot] = {}  # worker jobs: breed (if needed), then evaluate
+        self._running: set[str] = set()  # ids being evaluated
+        self._next_island = 0
+        self.lock = threading.RLock()  # population, counters and checkpoints are shared by workers
 
     # ---- state ----
     def state(self) -> dict:
@@ -112,48 +115,129 @@ class Engine:
         )
 
     def _choose_operator(self):
-        names = [n for n, w in self.config.operators.items() if w > 0]
+        """A weighted draw among the operators still active (an LLM past its token budget is not)."""
+        names = [n for n, w in self.config.operators.items() if w > 0 and getattr(self.operators[n], "active", True)]
+        if not names:
+            return None
         weights = [self.config.operators[n] for n in names]
         return self.operators[self.rng.choices(names, weights)[0]]
 
     def breed(self) -> Individual | None:
-        """A new child that compiles and whose normalized code has never been seen, or None."""
+        """A new child that compiles and whose normalized code has never been seen, or None.
+
+        Runs in a worker thread. Choices and bookkeeping happen under the lock; the operator's
+        proposal (an LLM call may take a minute) happens outside it, so other workers go on.
+        """
         for _ in range(BREED_ATTEMPTS):
-            island = self.counters.births % self.config.population.islands
-            operator = self._choose_operator()
-            parents = []
-            for _ in range(operator.parents_needed):
-                parent = self.population.tournament(island, self.config.population.tournament_size, self.rng)
-                if parent is None:
+            if self.cancel.is_set():
+                return None
+            with self.lock:
+                island = self._next_island
+                self._next_island = (island + 1) % self.config.population.islands
+                operator = self._choose_operator()
+                if operator is None:
                     return None
-                parents.append(parent)
-            proposal = operator.propose([Parent(p.id, p.code, p.val_bpb) for p in parents], self.rng)
-            if isinstance(proposal, Refusal):
-                reasons = self.counters.refusals.setdefault(operator.name, {})
-                reasons[proposal.reason] = reasons.get(proposal.reason, 0) + 1
-                continue
-            self.counters.proposed[operator.name] = self.counters.proposed.get(operator.name, 0) + 1
-            if self.population.known(normalized_hash(proposal.code)):
-                self.counters.duplicates += 1
-                continue
-            child = self._new_individual(proposal.code, proposal.operator, [p.id for p in parents], island,
-                                         proposal.details, proposal.hypothesis)
-            self._after_birth()
-            return child
+                parents = []
+                for _ in range(operator.parents_needed):
+                    parent = self.population.tournament(island, self.config.population.tournament_size, self.rng)
+                    if parent is None:
+                        return None
+                    parents.append(Parent(parent.id, parent.code, parent.val_bpb))
+                context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
+                op_rng = random.Random(self.rng.getrandbits(64))  # operators never share the engine's RNG
+            proposal = operator.propose(parents, op_rng, context) if context is not None else operator.propose(parents, op_rng)
+            with self.lock:
+                if isinstance(proposal, Refusal):
+                    reasons = self.counters.refusals.setdefault(operator.name, {})
+                    reasons[proposal.reason] = reasons.get(proposal.reason, 0) + 1
+                    continue
+                self.counters.proposed[operator.name] = self.counters.proposed.get(operator.name, 0) + 1
+                if self.population.known(normalized_hash(proposal.code)):
+                    self.counters.duplicates += 1
+                    self._feedback(operator.name, proposal.details, None, evaluated=False)
+                    continue
+                if self.cancel.is_set():
+                    self._feedback(operator.name, proposal.details, None, evaluated=False)
+                    return None
+                child = self._new_individual(proposal.code, proposal.operator, [p.id for p in parents], island,
+                                             proposal.details, proposal.hypothesis)
+                child.llm_tokens = int(proposal.details.get("llm", {}).get("total_tokens", 0))
+                self._register(child)
+                self._after_birth()
+                return child
         return None
+
+    def context_for(self, parent_id: str, island: int) -> Context:
+        """What an LLM may see besides the parent: validation numbers and log tails, never held-out."""
+        llm = self.config.mutators.llm
+        relatives = [
+            Relative(i.id, i.code, i.val_bpb, i.island)
+            for i in self.population.ranked() if i.island != island and i.id != parent_id
+        ][: llm.relatives]
+        finished = [i for i in self.population.individuals.values() if i.status not in (PENDING, "ok")]
+        finished.sort(key=lambda i: i.finished_at or 0, reverse=True)
+        failures = []
+        for i in finished[: llm.failures]:
+            result = self.store.variant_dir(i.id) / "result.json"
+            tail = json.loads(result.read_text()).get("log_tail", "") if result.is_file() else ""
+            failures.append(Failure(i.id, i.status, i.reason, tail[-1500:], i.hypothesis))
+        ideas = []
+        for i in sorted(self.population.individuals.values(), key=lambda i: i.birth, reverse=True):
+            if i.operator == "seed" or i.status == PENDING or not i.hypothesis:
+                continue
+            parent = self.population.individuals.get(i.parents[0]) if i.parents else None
+            if i.evaluated_ok and parent is not None and parent.val_bpb is not None:
+                outcome = f"val_bpb {i.val_bpb:.4f} vs parent {parent.val_bpb:.4f}"
+            else:
+                outcome = i.status if i.status != "ok" else f"val_bpb {i.val_bpb}"
+            ideas.append(Idea(i.operator, i.hypothesis, outcome))
+            if len(ideas) >= llm.ideas:
+                break
+        return Context(relatives, failures, ideas)
+
+    def _register(self, individual: Individual) -> None:
+        """Recorded as pending before it runs, so resume re-queues it (caller holds the lock)."""
+        individual.run_token = uuid.uuid4().hex
+        self.population.add(individual)
+        self.checkpoint()
 
     def _after_birth(self) -> None:
         if self.counters.births % self.config.population.migration_interval == 0:
             for member, island in self.population.migrate(self.config.population.migration_count):
                 self.log(f"migration: {member} joins island {island}")
 
-    def next_individual(self) -> Individual | None:
-        queued = [i for i in self.population.pending() if i not in (ind for ind, _ in self._in_flight.values())]
+    def _take_queued(self) -> Individual | None:
+        """A pending individual nobody is evaluating (re-queued after a resume), or the seed."""
+        queued = [i for i in self.population.pending() if i.id not in self._running]
         if queued:
-            return min(queued, key=lambda i: i.birth)  # re-queued after a resume
+            individual = min(queued, key=lambda i: i.birth)
+            individual.run_token = individual.run_token or uuid.uuid4().hex
+            return individual
         if not self.population.individuals:
-            return self._new_individual(self.seed_code, "seed", [], island=0)
-        return self.breed()
+            seed = self._new_individual(self.seed_code, "seed", [], island=0)
+            self._register(seed)
+            return seed
+        return None
+
+    def _can_start(self) -> bool:
+        """Work exists for a free worker: a queued individual, the seed, or parents to breed from."""
+        queued = any(i.id not in self._running for i in self.population.pending())
+        return queued or not self.population.individuals or self.population.best() is not None
+
+    def _work(self, slot: WorkerSlot):
+        """One worker's job: take or breed an individual, then evaluate it."""
+        with self.lock:
+            individual = self._take_queued()
+            if individual is not None:
+                self._running.add(individual.id)
+        if individual is None:
+            individual = self.breed()
+            if individual is None:
+                return None
+            with self.lock:
+                self._running.add(individual.id)
+        individual.device = slot.label
+        return individual, self.evaluate(individual, slot)
 
     # ---- evaluation ----
     def run_settings(self, slot: WorkerSlot, seconds: float | None = None, seed: int | None = None) -> RunSettings:
@@ -195,6 +279,13 @@ class Engine:
         parent = self.population.individuals.get(individual.parents[0]) if individual.parents else None
         if individual.evaluated_ok and parent is not None and parent.val_bpb is not None and individual.val_bpb < parent.val_bpb:
             c.improved[individual.operator] = c.improved.get(individual.operator, 0) + 1
+        self._feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
+
+    def _feedback(self, operator_name: str, details: dict, val_bpb: float | None, evaluated: bool) -> None:
+        """Operators that learn (Optuna) hear how their children did."""
+        operator = self.operators.get(operator_name)
+        if operator is not None and hasattr(operator, "feedback"):
+            operator.feedback(details, val_bpb, evaluated)
 
     def adopt_finished_results(self) -> int:
         """After a crash: evaluations that finished (result.json written) but were not checkpointed."""
@@ -215,32 +306,36 @@ class Engine:
     def run(self) -> str:
         free = list(self.slots)
         pool = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="evo-worker")
-        reason = None
+        reason, fruitless = None, 0
         try:
             while True:
                 reason = reason or self.stop_reason()
                 while free and reason is None:
-                    individual = self.next_individual()
-                    if individual is None:
-                        if not self._in_flight:
-                            reason = "no new child could be bred (all proposals refused or duplicates)"
-                        break
+                    with self.lock:
+                        if not self._can_start():
+                            break  # wait for the seed's result before breeding
                     slot = free.pop(0)
-                    individual.run_token = uuid.uuid4().hex
-                    individual.device = slot.label
-                    self.population.add(individual)
-                    self.checkpoint()  # recorded as pending before it runs: resume re-queues it
-                    self._in_flight[pool.submit(self.evaluate, individual, slot)] = (individual, slot)
+                    self._in_flight[pool.submit(self._work, slot)] = slot
                     reason = self.stop_reason()
                 if not self._in_flight:
                     break
                 self.on_tick(self.snapshot())
                 done, _ = wait(list(self._in_flight), timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in done:
-                    individual, slot = self._in_flight.pop(future)
+                    slot = self._in_flight.pop(future)
                     free.append(slot)
-                    self.record(individual, future.result(), slot)
-                    self.checkpoint()
+                    outcome = future.result()
+                    if outcome is None:
+                        fruitless += 1
+                        if fruitless >= 3 and not self._in_flight:
+                            reason = reason or "no new child could be bred (all proposals refused or duplicates)"
+                        continue
+                    fruitless = 0
+                    individual, result = outcome
+                    with self.lock:
+                        self._running.discard(individual.id)
+                        self.record(individual, result, slot)
+                        self.checkpoint()
                     self._report(individual)
                 reason = self.stop_reason() if reason is None else reason
         except KeyboardInterrupt:
@@ -248,19 +343,20 @@ class Engine:
             self.cancel.set()
             for future in list(self._in_flight):
                 try:
-                    future.result()
+                    outcome = future.result()
                 except RunCancelled:
-                    pass  # stays pending; resume re-runs it
-                else:
-                    individual, slot = self._in_flight[future]
-                    self.record(individual, future.result(), slot)
+                    continue  # stays pending; resume re-runs it
+                if outcome is not None:
+                    with self.lock:
+                        self.record(outcome[0], outcome[1], self._in_flight[future])
             self._in_flight.clear()
             raise
         finally:
             pool.shutdown(wait=True)
-            self.counters.elapsed_seconds = self.elapsed_seconds()
-            self._session_start = time.monotonic()
-            self.checkpoint()
+            with self.lock:
+                self.counters.elapsed_seconds = self.elapsed_seconds()
+                self._session_start = time.monotonic()
+                self.checkpoint()
         return reason or "done"
 
     def snapshot(self) -> Snapshot:

@@ -39,6 +39,7 @@ class Operator(Protocol):
     parents_needed: int
 
     def propose(self, parents: list[Parent], rng: random.Random) -> Proposal | Refusal: ...
+    # Operators with `wants_context = True` receive a third argument, a Context.
 
 
 def checked(proposal: Proposal, parent_code: str) -> Proposal | Refusal:
@@ -50,3 +51,38 @@ def checked(proposal: Proposal, parent_code: str) -> Proposal | Refusal:
     if proposal.code == parent_code:
         return Refusal(proposal.operator, "child is identical to its parent")
     return proposal
+
+
+@dataclass
+class Relative:
+    """A strong variant from another island, shown to an LLM with its diff to the parent."""
+
+    id: str
+    code: str
+    val_bpb: float | None
+    island: int
+
+
+@dataclass
+class Failure:
+    id: str
+    status: str
+    reason: str
+    log_tail: str
+    hypothesis: str
+
+
+@dataclass
+class Idea:
+    operator: str
+    hypothesis: str
+    outcome: str
+
+
+@dataclass
+class Context:
+    """What the engine tells operators that want more than the parents. Validation data only."""
+
+    relatives: list[Relative] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    ideas: list[Idea] = field(default_factory=list)

@@ -1,8 +1,14 @@
-"""Module-level hyperparameters found and perturbed with libcst, leaving every other byte alone.
+"""Module-level hyperparameters: found with libcst, each with a search domain, and rewritten in
+place so that every other byte of the file (formatting, comments) stays as it was.
 
 A hyperparameter is a top-level `NAME = value` with an UPPER_CASE name and a value that is a
-number, a boolean, a tuple of numbers or a simple arithmetic expression such as `2**19`.
-A trailing `# evo: fixed` comment takes a constant out of the search.
+number, a boolean, a tuple of numbers or a simple arithmetic expression such as `2**19`; a string
+takes part only when its comment lists choices. A trailing comment narrows or fixes the domain:
+
+    ACTIVATION = "relu2"   # evo: choice(relu2, gelu, silu)
+    MATRIX_LR = 0.02       # evo: range(1e-4, 1e-1, log)
+    DEPTH = 8              # evo: range(2, 16)
+    LOG_EVERY = 25         # evo: fixed
 """
 
 from __future__ import annotations
@@ -10,18 +16,38 @@ from __future__ import annotations
 import ast
 import math
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import libcst as cst
 
 from mutators.base import Parent, Proposal, Refusal, checked
 
+_FRACTION_NAMES = re.compile(r"FRAC|BETA|MOMENTUM|DROPOUT|RATIO_OF|EMA")
+_MARK = re.compile(r"#\s*evo:\s*(fixed|choice|range)\s*(?:\((.*)\))?")
+
+
+class CommentError(ValueError):
+    """An `# evo:` comment that cannot be understood; the message names the line."""
+
+
+@dataclass
+class Domain:
+    """Where a constant may move. kind: bool, int, float, fraction, choice."""
+
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list = field(default_factory=list)
+
 
 @dataclass
 class Constant:
     name: str
-    value: object  # bool, int, float, or tuple of numbers
+    value: object  # bool, int, float, str, or tuple of numbers
     source: str  # the value's code as written
+    domain: Domain | list[Domain]  # one per element for tuples
 
 
 def _evaluate(code: str):
@@ -30,80 +56,153 @@ def _evaluate(code: str):
         tree = ast.parse(code, mode="eval")
     except SyntaxError:
         return None
-    allowed = (ast.Expression, ast.Constant, ast.BinOp, ast.UnaryOp, ast.Tuple, ast.Load,
-               ast.operator, ast.unaryop)
+    allowed = (ast.Expression, ast.Constant, ast.BinOp, ast.UnaryOp, ast.Tuple, ast.Load, ast.operator, ast.unaryop)
     if not all(isinstance(n, allowed) for n in ast.walk(tree)):
         return None
     try:
         value = eval(compile(tree, "<constant>", "eval"), {"__builtins__": {}})
     except Exception:
         return None
-    if isinstance(value, (bool, int, float)):
+    if isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, tuple) and value and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return value
     return None
 
 
-FIXED_MARK = "evo: fixed"  # a trailing comment that takes a constant out of the search
+def _is_power_of_two(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 2 and n & (n - 1) == 0
+
+
+def infer_domain(name: str, value) -> Domain | None:
+    """A sensible domain from the name and value alone."""
+    if isinstance(value, bool):
+        return Domain("bool", choices=[False, True])
+    if isinstance(value, int):
+        if _is_power_of_two(value):
+            return Domain("int", low=max(1, value // 8), high=value * 8, log=True)
+        if value > 0:
+            return Domain("int", low=max(1, value // 3), high=value * 3)
+        return None
+    if isinstance(value, float):
+        if 0 < value < 1 and _FRACTION_NAMES.search(name):
+            return Domain("fraction", low=0.0, high=1.0)
+        if value > 0 and math.isfinite(value):
+            return Domain("float", low=value / 30, high=value * 30, log=True)
+    return None
+
+
+def _parse_choice(text: str, value):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if isinstance(value, str):
+        return [t.strip("'\"") for t in items]
+    return [_evaluate(t) for t in items]
+
+
+def domain_from_comment(name: str, value, comment: str | None) -> Domain | None | str:
+    """The domain a comment declares, 'fixed', or None when there is no evo comment."""
+    match = _MARK.search(comment or "")
+    if not match:
+        return None
+    kind, args = match.group(1), match.group(2)
+    if kind == "fixed":
+        return "fixed"
+    if args is None:
+        raise CommentError(f"{name}: `# evo: {kind}` needs arguments, e.g. {kind}(...)")
+    if kind == "choice":
+        choices = _parse_choice(args, value)
+        if len(choices) < 2 or any(c is None for c in choices):
+            raise CommentError(f"{name}: choice() needs two or more values, got {args!r}")
+        return Domain("choice", choices=choices)
+    parts = [p.strip() for p in args.split(",")]
+    log = "log" in parts[2:]
+    try:
+        low, high = float(parts[0]), float(parts[1])
+    except (ValueError, IndexError):
+        raise CommentError(f"{name}: range() takes (low, high[, log]), got {args!r}") from None
+    if not low < high or (log and low <= 0):
+        raise CommentError(f"{name}: range({args}) is empty or has a non-positive log bound")
+    kind = "int" if isinstance(value, int) and not isinstance(value, bool) else "float"
+    return Domain(kind, low=low, high=high, log=log)
 
 
 def _assignments(module: cst.Module):
     for statement in module.body:
         if not isinstance(statement, cst.SimpleStatementLine) or len(statement.body) != 1:
             continue
-        comment = statement.trailing_whitespace.comment
-        if comment is not None and FIXED_MARK in comment.value:
-            continue
         assign = statement.body[0]
         if isinstance(assign, cst.Assign) and len(assign.targets) == 1:
             target = assign.targets[0].target
             if isinstance(target, cst.Name) and target.value.isupper():
-                yield target.value, assign
+                comment = statement.trailing_whitespace.comment
+                yield target.value, assign, comment.value if comment else None
 
 
 def find_constants(code: str) -> list[Constant]:
     module = cst.parse_module(code)
     found = []
-    for name, assign in _assignments(module):
+    for name, assign, comment in _assignments(module):
         source = module.code_for_node(assign.value)
         value = _evaluate(source)
-        if value is not None:
-            found.append(Constant(name, value, source))
+        if value is None:
+            continue
+        declared = domain_from_comment(name, value, comment)
+        if declared == "fixed":
+            continue
+        if isinstance(value, tuple):
+            domains = [declared or infer_domain(name, v) for v in value]
+            if all(d is not None for d in domains):
+                found.append(Constant(name, value, source, domains))
+            continue
+        domain = declared or infer_domain(name, value)
+        if domain is not None and (not isinstance(value, str) or domain.kind == "choice"):
+            found.append(Constant(name, value, source, domain))
     return found
 
 
-def _is_power_of_two(n: int) -> bool:
-    return n >= 2 and n & (n - 1) == 0
+def _clamp(x, d: Domain):
+    if d.low is not None:
+        x = max(x, d.low)
+    if d.high is not None:
+        x = min(x, d.high)
+    return x
 
 
-def move(value, rng: random.Random):
-    """One step away from value, shaped by what kind of number it is."""
-    if isinstance(value, bool):
-        return not value
-    if isinstance(value, int):
-        if _is_power_of_two(value):
-            return value * 2 if rng.random() < 0.5 else value // 2
-        step = max(1, round(abs(value) * 0.25))
-        new = value + rng.choice((-step, step))
-        return new if value <= 0 or new > 0 else value + step
-    if isinstance(value, float):
-        if value == 0.0 or not math.isfinite(value):
-            return None
-        factor = rng.choice((1.25, 1.5, 2.0))
-        return value * factor if rng.random() < 0.5 else value / factor
-    if isinstance(value, tuple):
-        i = rng.randrange(len(value))
-        new = move(value[i], rng)
-        return None if new is None else value[:i] + (new,) + value[i + 1 :]
-    return None
+def move_value(value, d: Domain, rng: random.Random):
+    """One step away from value, within its domain."""
+    if d.kind in ("bool", "choice"):
+        others = [c for c in d.choices if c != value]
+        return rng.choice(others) if others else value
+    if d.kind == "fraction":  # a step in logit space keeps it strictly inside (0, 1)
+        logit = math.log(value / (1 - value)) + rng.choice((-1, 1)) * rng.uniform(0.3, 1.0)
+        return round(1 / (1 + math.exp(-logit)), 4)
+    if d.kind == "int":
+        if _is_power_of_two(value) and (d.log or d.low is None):
+            new = value * 2 if rng.random() < 0.5 else value // 2
+        else:
+            step = max(1, round(abs(value) * 0.25))
+            new = value + rng.choice((-step, step))
+        return int(_clamp(new, d))
+    factor = rng.choice((1.25, 1.5, 2.0))
+    new = value * factor if rng.random() < 0.5 else value / factor
+    if not d.log and d.low is not None and d.high is not None and value == 0:
+        new = rng.uniform(d.low, d.high)
+    return float(_clamp(new, d))
+
+
+def move(constant: Constant, rng: random.Random):
+    if isinstance(constant.value, tuple):
+        i = rng.randrange(len(constant.value))
+        element = move_value(constant.value[i], constant.domain[i], rng)
+        return constant.value[:i] + (element,) + constant.value[i + 1 :]
+    return move_value(constant.value, constant.domain, rng)
 
 
 def render(value) -> str:
-    if isinstance(value, bool) or isinstance(value, int):
-        if isinstance(value, int) and not isinstance(value, bool) and _is_power_of_two(value) and value >= 1024:
-            return f"2**{value.bit_length() - 1}"
+    if isinstance(value, bool) or isinstance(value, str):
         return repr(value)
+    if isinstance(value, int):
+        return f"2**{value.bit_length() - 1}" if _is_power_of_two(value) and value >= 1024 else repr(value)
     if isinstance(value, float):
         text = f"{value:.4g}"
         return text if any(ch in text for ch in ".en") else text + ".0"  # stays a float
@@ -116,24 +215,26 @@ def replace_constants(code: str, new_values: dict[str, str]) -> str:
     """The same code with the given constants' values replaced by new source text."""
 
     class Replace(cst.CSTTransformer):
-        def leave_Module(self, original, updated):
-            body = []
-            for statement in updated.body:
-                if isinstance(statement, cst.SimpleStatementLine) and len(statement.body) == 1:
-                    assign = statement.body[0]
-                    if isinstance(assign, cst.Assign) and len(assign.targets) == 1:
-                        target = assign.targets[0].target
-                        if isinstance(target, cst.Name) and target.value in new_values:
-                            value = cst.parse_expression(new_values[target.value])
-                            statement = statement.with_changes(body=[assign.with_changes(value=value)])
-                body.append(statement)
-            return updated.with_changes(body=body)
+        depth = 0  # inside a function or class body: not a module-level constant
+
+        def leave_Assign(self, original, updated):
+            target = updated.targets[0].target if len(updated.targets) == 1 else None
+            if isinstance(target, cst.Name) and target.value in new_values and self.depth == 0:
+                return updated.with_changes(value=cst.parse_expression(new_values[target.value]))
+            return updated
+
+        def visit_IndentedBlock(self, node):
+            self.depth += 1
+
+        def leave_IndentedBlock(self, original, updated):
+            self.depth -= 1
+            return updated
 
     return cst.parse_module(code).visit(Replace()).code
 
 
 class PerturbConstants:
-    """Moves one or a few hyperparameters by one step each."""
+    """Moves one or a few hyperparameters by one step each, within their domains."""
 
     name = "perturb"
     parents_needed = 1
@@ -145,19 +246,18 @@ class PerturbConstants:
         parent = parents[0]
         try:
             constants = find_constants(parent.code)
-        except cst.ParserSyntaxError as e:
-            return Refusal(self.name, f"parent does not parse: {e}")
-        movable = [c for c in constants if move(c.value, random.Random(0)) is not None]
-        if not movable:
+        except (cst.ParserSyntaxError, CommentError) as e:
+            return Refusal(self.name, f"cannot read the parent's constants: {e}")
+        if not constants:
             return Refusal(self.name, "no module-level constants to perturb")
-        chosen = rng.sample(movable, k=min(len(movable), rng.randint(1, self.max_changes)))
+        chosen = rng.sample(constants, k=min(len(constants), rng.randint(1, self.max_changes)))
         changes = {}
         for c in chosen:
-            new = move(c.value, rng)
-            if new is not None and new != c.value:
+            new = move(c, rng)
+            if new != c.value:
                 changes[c.name] = (c.source, render(new))
         if not changes:
-            return Refusal(self.name, "no constant moved")
+            return Refusal(self.name, "no constant moved (all at the edge of their domain)")
         code = replace_constants(parent.code, {name: new for name, (_, new) in changes.items()})
         hypothesis = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items())
         return checked(Proposal(code, self.name, {"changes": changes}, hypothesis), parent.code)

@@ -1,14 +1,41 @@
-"""Operators by name. The config's `operators:` section picks them and weights them."""
+"""Operators by name. The config's `operators:` section picks and weights them; the `mutators:`
+section holds each one's settings."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mutators.constants import PerturbConstants
+from mutators.crossover import Crossover
+from mutators.optuna_op import OptunaProposals
+
+
+def _optuna(config, run_dir: Path):
+    s = config.mutators.optuna
+    return OptunaProposals(run_dir / "optuna.journal", sampler=s.sampler, seed=config.seed)
+
+
+def _llm(config, run_dir: Path):
+    from mutators.llm import LLMEdit
+
+    return LLMEdit(config.mutators.llm, run_dir, program_path=config.mutators.program)
+
+
+def _llm_crossover(config, run_dir: Path):
+    from mutators.llm import LLMCrossover
+
+    return LLMCrossover(config.mutators.llm, run_dir, program_path=config.mutators.program)
+
 
 OPERATORS = {
-    "perturb": lambda config: PerturbConstants(),
+    "perturb": lambda config, run_dir: PerturbConstants(config.mutators.perturb.max_changes),
+    "crossover": lambda config, run_dir: Crossover(config.mutators.crossover.max_taken),
+    "optuna": _optuna,
+    "llm": _llm,
+    "llm_crossover": _llm_crossover,
 }
 
 
-def build(config) -> dict:
+def build(config, run_dir: Path) -> dict:
     """The configured operators with a positive weight (names were checked by the config)."""
-    return {name: OPERATORS[name](config) for name, weight in config.operators.items() if weight > 0}
+    return {name: OPERATORS[name](config, Path(run_dir)) for name, weight in config.operators.items() if weight > 0}

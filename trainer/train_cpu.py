@@ -23,8 +23,9 @@ import prepare
 
 # ---- hyperparameters (module-level constants: what evolution edits first) ----
 DEPTH = 4
-MODEL_DIM = 192
 N_HEAD = 4
+HEAD_DIM = 48  # evo: choice(32, 48, 64)
+MODEL_DIM = N_HEAD * HEAD_DIM
 MLP_RATIO = 4
 BATCH_SIZE = 8
 LOGIT_SOFTCAP = 15.0
@@ -32,7 +33,7 @@ MATRIX_LR = 0.03  # Muon, for the matrices inside the blocks
 EMBED_LR = 0.01  # AdamW, token embedding
 UNEMBED_LR = 0.004  # AdamW, output head
 ADAM_BETAS = (0.9, 0.95)
-WEIGHT_DECAY = 0.0
+WEIGHT_DECAY = 0.0  # evo: range(0.0, 0.2)
 MUON_MOMENTUM = 0.95
 WARMUP_FRAC = 0.05  # fractions of the time budget
 COOLDOWN_FRAC = 0.4

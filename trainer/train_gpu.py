@@ -21,8 +21,9 @@ import prepare
 
 # ---- hyperparameters (module-level constants: what evolution edits first) ----
 DEPTH = 8
-MODEL_DIM = 512
 N_HEAD = 4
+HEAD_DIM = 128  # evo: choice(64, 128)
+MODEL_DIM = N_HEAD * HEAD_DIM
 MLP_RATIO = 4
 DEVICE_BATCH_SIZE = 32  # sequences per micro-batch
 TOTAL_BATCH_TOKENS = 2**18  # tokens per optimizer step (gradient accumulation makes up the rest)
@@ -31,7 +32,7 @@ MATRIX_LR = 0.02  # Muon, for the matrices inside the blocks
 EMBED_LR = 0.3  # AdamW, token embedding
 UNEMBED_LR = 0.004  # AdamW, output head
 ADAM_BETAS = (0.8, 0.95)
-WEIGHT_DECAY = 0.0
+WEIGHT_DECAY = 0.0  # evo: range(0.0, 0.2)
 MUON_MOMENTUM = 0.95
 WARMUP_FRAC = 0.0  # fractions of the time budget
 COOLDOWN_FRAC = 0.5

@@ -1,0 +1,292 @@
+"""LLM operators over any OpenAI-compatible chat-completions server (OpenAI, vLLM, Ollama,
+llama.cpp's server), through the official openai client.
+
+Every fault (refused connection, timeout, 429, 5xx, an empty or malformed reply, an edit that
+does not apply) ends as a counted refusal with its reason; the run never stops for one.
+Prompts are built from the templates in mutators/prompts/ and only ever carry validation
+numbers and log tails, never held-out results.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+import openai
+
+from mutators.base import Context, Parent, Proposal, Refusal, checked
+
+PROMPTS = Path(__file__).resolve().parent / "prompts"
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
+BACKOFF_SECONDS = 1.0  # first retry waits this long, then doubles
+
+
+def template(name: str) -> Template:
+    return Template((PROMPTS / name).read_text())
+
+
+class LLMFailure(Exception):
+    """A request that did not produce a usable reply; str(e) is the counted reason."""
+
+
+@dataclass
+class Reply:
+    text: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+
+
+class Usage:
+    """Token totals for the run, persisted in the run directory so budgets survive a resume."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.data = json.loads(path.read_text()) if path.is_file() else {
+            "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "by_model": {}}
+
+    def add(self, model: str, prompt: int, completion: int) -> None:
+        with self.lock:
+            for bucket in (self.data, self.data["by_model"].setdefault(model, {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0})):
+                bucket["requests"] += 1
+                bucket["prompt_tokens"] += prompt
+                bucket["completion_tokens"] += completion
+                bucket["total_tokens"] += prompt + completion
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=2))
+            os.replace(tmp, self.path)
+
+    @property
+    def total(self) -> int:
+        return self.data["total_tokens"]
+
+
+class LLMClient:
+    """The openai client with our retries and backoff, a cap on concurrent requests, and usage."""
+
+    _clients: dict[tuple, "LLMClient"] = {}
+
+    def __init__(self, settings, run_dir: Path):
+        self.settings = settings
+        api_key = os.environ.get(settings.api_key_env) or "unused"  # local servers take any key
+        self.client = openai.OpenAI(base_url=settings.base_url, api_key=api_key, timeout=settings.timeout, max_retries=0)
+        self.slots = threading.BoundedSemaphore(settings.concurrent_requests)
+        self.usage = Usage(Path(run_dir) / "llm_usage.json")
+
+    @classmethod
+    def shared(cls, settings, run_dir: Path) -> "LLMClient":
+        """One client per run, so edit and crossover share the request cap and the usage file."""
+        key = (str(run_dir), settings.model_dump_json())
+        if key not in cls._clients:
+            cls._clients[key] = cls(settings, run_dir)
+        return cls._clients[key]
+
+    def chat(self, messages: list[dict], model: str) -> Reply:
+        reason = "no attempt made"
+        for attempt in range(self.settings.retries + 1):
+            if attempt:
+                time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+            started = time.monotonic()
+            try:
+                with self.slots:
+                    response = self.client.chat.completions.create(
+                        model=model, messages=messages, temperature=self.settings.temperature,
+                        max_tokens=self.settings.max_tokens)
+            except openai.APITimeoutError:
+                reason = f"timeout after {self.settings.timeout:.0f}s"
+                continue
+            except openai.APIConnectionError as e:
+                reason = f"connection failed ({e.__cause__ or e})"
+                continue
+            except openai.RateLimitError:
+                reason = "rate limited (HTTP 429)"
+                continue
+            except openai.APIStatusError as e:
+                reason = f"server error (HTTP {e.status_code})"
+                if e.status_code >= 500:
+                    continue
+                raise LLMFailure(f"request rejected (HTTP {e.status_code}): {str(e)[:200]}") from None
+            except (ValueError, TypeError) as e:  # an answer that is not chat-completions JSON
+                raise LLMFailure(f"unreadable response: {e}") from None
+            if not hasattr(response, "choices"):  # e.g. an HTML error page served with status 200
+                raise LLMFailure(f"unreadable response: not chat-completions JSON ({str(response)[:80]!r})")
+            usage = response.usage
+            prompt = usage.prompt_tokens if usage else 0
+            completion = usage.completion_tokens if usage else 0
+            self.usage.add(model, prompt, completion)
+            choices = getattr(response, "choices", None) or []
+            text = choices[0].message.content if choices and choices[0].message else None
+            if not text or not text.strip():
+                raise LLMFailure("empty reply")
+            return Reply(text, model, prompt, completion, time.monotonic() - started)
+        raise LLMFailure(f"{reason}, after {self.settings.retries + 1} attempts")
+
+
+# ---- reading replies ----
+
+_HYPOTHESIS = re.compile(r"^\s*HYPOTHESIS:\s*(.+)$", re.MULTILINE)
+_BLOCK = re.compile(r"<<<<<<< SEARCH\n(.*?)\n?=======\n(.*?)\n?>>>>>>> REPLACE", re.DOTALL)
+_FENCE = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
+
+
+class ReplyError(ValueError):
+    """A reply that cannot be turned into a child; the message is shown to the model on retry."""
+
+
+def hypothesis_of(text: str) -> str:
+    match = _HYPOTHESIS.search(text)
+    return match.group(1).strip()[:300] if match else ""
+
+
+def apply_edits(code: str, text: str) -> str:
+    blocks = _BLOCK.findall(text)
+    if not blocks:
+        raise ReplyError("no SEARCH/REPLACE blocks found")
+    for n, (search, replace) in enumerate(blocks, 1):
+        count = code.count(search) if search else 0
+        if count != 1:
+            where = "does not appear in" if count == 0 else f"appears {count} times in"
+            raise ReplyError(f"the SEARCH text of block {n} {where} the file; it must match exactly once")
+        code = code.replace(search, replace, 1)
+    return code
+
+
+def whole_file(text: str) -> str:
+    blocks = _FENCE.findall(text)
+    if not blocks:
+        raise ReplyError("no ```python block with the whole file found")
+    return max(blocks, key=len)
+
+
+def _must_compile(code: str) -> None:
+    try:
+        compile(code, "train.py", "exec")
+    except SyntaxError as e:
+        raise ReplyError(f"the result does not compile: line {e.lineno}: {e.msg}") from None
+
+
+# ---- the operators ----
+
+
+class _LLMOperator:
+    wants_context = True
+
+    def __init__(self, settings, run_dir: str | Path, program_path: str = "program.md"):
+        self.settings = settings
+        self.client = LLMClient.shared(settings, Path(run_dir))
+        path = Path(program_path)
+        if not path.is_file():
+            path = PACKAGE_ROOT / program_path
+        self.program = path.read_text() if path.is_file() else "(no research direction given)"
+
+    @property
+    def active(self) -> bool:
+        budget = self.settings.token_budget
+        return budget is None or self.client.usage.total < budget
+
+    def _model(self, rng: random.Random) -> str:
+        names = list(self.settings.models)
+        return rng.choices(names, [self.settings.models[n] for n in names])[0]
+
+    def _converse(self, messages: list[dict], model: str, read) -> tuple[str, str, dict]:
+        """Ask; if the reply cannot be used, show the model the error once and ask again."""
+        totals = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "latency_s": 0.0, "model": model}
+        for attempt in range(2):
+            reply = self.client.chat(messages, model)
+            totals["prompt_tokens"] += reply.prompt_tokens
+            totals["completion_tokens"] += reply.completion_tokens
+            totals["total_tokens"] += reply.prompt_tokens + reply.completion_tokens
+            totals["latency_s"] = round(totals["latency_s"] + reply.latency_s, 3)
+            try:
+                code = read(reply.text)
+                _must_compile(code)
+                return code, hypothesis_of(reply.text), totals
+            except ReplyError as e:
+                if attempt == 1:
+                    raise LLMFailure(f"reply unusable after a retry: {e}") from None
+                messages = messages + [
+                    {"role": "assistant", "content": reply.text},
+                    {"role": "user", "content": template("retry.md").substitute(error=str(e))},
+                ]
+        raise AssertionError("unreachable")
+
+    def _propose(self, prompt: str, rng: random.Random, read, parent_code: str, extra: dict) -> Proposal | Refusal:
+        if not self.active:
+            return Refusal(self.name, "token budget spent")
+        model = self._model(rng)
+        messages = [{"role": "system", "content": template("system.md").substitute()},
+                    {"role": "user", "content": prompt}]
+        try:
+            code, hypothesis, usage = self._converse(messages, model, read)
+        except LLMFailure as e:
+            return Refusal(self.name, str(e))
+        return checked(Proposal(code, self.name, {**extra, "llm": usage}, hypothesis or "(no hypothesis stated)"), parent_code)
+
+
+def _bpb(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "not measured"
+
+
+def _diff(a: str, b: str, limit: int = 3000) -> str:
+    text = "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "parent", "relative", n=1))
+    return text if len(text) <= limit else text[:limit] + "\n... (diff truncated)\n"
+
+
+def render_context(parent: Parent, context: Context | None) -> dict[str, str]:
+    context = context or Context()
+    relatives = "\n\n".join(
+        f"## {r.id} (island {r.island}, val_bpb {_bpb(r.val_bpb)})\n```diff\n{_diff(parent.code, r.code)}```"
+        for r in context.relatives if r.code != parent.code
+    ) or "(none yet)"
+    failures = "\n\n".join(
+        f"## {f.id}: {f.status}" + (f" ({f.reason})" if f.reason else "")
+        + (f"\nIdea: {f.hypothesis}" if f.hypothesis else "") + f"\n```\n{f.log_tail}\n```"
+        for f in context.failures
+    ) or "(none)"
+    ideas = "\n".join(f"- [{i.operator}] {i.hypothesis} -> {i.outcome}" for i in context.ideas) or "(none yet)"
+    return {"relatives": relatives, "failures": failures, "ideas": ideas}
+
+
+class LLMEdit(_LLMOperator):
+    """SEARCH/REPLACE edits (or a whole file) to one parent."""
+
+    name = "llm"
+    parents_needed = 1
+
+    def propose(self, parents: list[Parent], rng: random.Random, context: Context | None = None) -> Proposal | Refusal:
+        parent = parents[0]
+        full = self.settings.edit_format == "full"
+        prompt = template("edit.md").substitute(
+            program=self.program, parent_bpb=_bpb(parent.val_bpb), parent_code=parent.code,
+            format=template("format_full.md" if full else "format_diff.md").substitute(),
+            **render_context(parent, context),
+        )
+        read = whole_file if full else (lambda text: apply_edits(parent.code, text))
+        return self._propose(prompt, rng, read, parent.code, {"format": self.settings.edit_format})
+
+
+class LLMCrossover(_LLMOperator):
+    """Two parents and their numbers in one prompt; a merged file back."""
+
+    name = "llm_crossover"
+    parents_needed = 2
+
+    def propose(self, parents: list[Parent], rng: random.Random, context: Context | None = None) -> Proposal | Refusal:
+        a, b = parents
+        if a.code == b.code:
+            return Refusal(self.name, "both parents are the same variant")
+        prompt = template("crossover.md").substitute(
+            program=self.program, a_bpb=_bpb(a.val_bpb), a_code=a.code, b_bpb=_bpb(b.val_bpb), b_code=b.code,
+            ideas=render_context(a, context)["ideas"],
+        )
+        return self._propose(prompt, rng, whole_file, a.code, {"second_parent": b.id})

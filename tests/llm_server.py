@@ -1,0 +1,78 @@
+"""A real HTTP server on 127.0.0.1 that speaks the chat-completions API with scripted replies.
+
+Each request takes the next step of the script; every request body is recorded, so tests can
+read exactly what a prompt contained.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def completion(text: str, model: str = "scripted") -> dict:
+    return {
+        "id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+        "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120},
+    }
+
+
+class ScriptedServer:
+    """Steps: ("reply", text), ("status", code), ("sleep", seconds), ("garbage", text). When
+    the script runs out, `default` (a step) answers."""
+
+    def __init__(self, script=(), default=("status", 503)):
+        self.script = list(script)
+        self.default = default
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests.append(body)
+                    step = server.script.pop(0) if server.script else server.default
+                kind = step[0]
+                if kind == "sleep":
+                    time.sleep(step[1])
+                    step = ("reply", step[2]) if len(step) > 2 else ("reply", "late")
+                    kind = "reply"
+                if kind == "reply":
+                    self._send(200, json.dumps(completion(step[1], body.get("model", "m"))).encode())
+                elif kind == "status":
+                    self._send(step[1], json.dumps({"error": {"message": f"scripted {step[1]}"}}).encode())
+                elif kind == "garbage":
+                    self._send(200, step[1].encode(), content_type="text/plain")
+
+            def _send(self, code, payload, content_type="application/json"):
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def prompts(self) -> list[str]:
+        return [m["content"] for r in self.requests for m in r["messages"]]
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,186 @@
+"""LLM operators against a real HTTP server on 127.0.0.1, through the real openai client."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+from pathlib import Path
+
+import pytest
+
+from evo.config import LLMSettings
+from mutators import llm
+from mutators.base import Context, Failure, Idea, Parent, Proposal, Refusal, Relative
+from mutators.llm import LLMClient, LLMCrossover, LLMEdit
+from tests.llm_server import ScriptedServer
+
+PARENT = """import prepare
+
+LR = 0.01
+DEPTH = 4
+
+
+def train():
+    return LR * DEPTH
+"""
+
+GOOD_EDIT = """HYPOTHESIS: a larger learning rate trains faster in a short budget
+
+<<<<<<< SEARCH
+LR = 0.01
+=======
+LR = 0.02
+>>>>>>> REPLACE
+"""
+
+MISSING_EDIT = """HYPOTHESIS: deeper
+<<<<<<< SEARCH
+DEPTH = 5
+=======
+DEPTH = 8
+>>>>>>> REPLACE
+"""
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(llm, "BACKOFF_SECONDS", 0.01)
+    LLMClient._clients.clear()
+
+
+def operator(server, tmp_path, cls=LLMEdit, **settings) -> LLMEdit:
+    base = dict(base_url=server.base_url, models={"model-a": 1.0}, timeout=2.0, retries=2, api_key_env="EVO_TEST_KEY")
+    return cls(LLMSettings(**{**base, **settings}), tmp_path)
+
+
+def parent(code=PARENT, bpb=2.5):
+    return Parent("v00001", code, bpb)
+
+
+def test_a_good_edit_becomes_a_child_with_hypothesis_and_usage(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVO_TEST_KEY", "sk-local")
+    with ScriptedServer([("reply", GOOD_EDIT)]) as server:
+        proposal = operator(server, tmp_path).propose([parent()], random.Random(0), Context())
+    assert isinstance(proposal, Proposal)
+    assert "LR = 0.02" in proposal.code and "DEPTH = 4" in proposal.code
+    assert proposal.hypothesis == "a larger learning rate trains faster in a short budget"
+    usage = proposal.details["llm"]
+    assert usage["total_tokens"] == 120 and usage["model"] == "model-a" and usage["latency_s"] >= 0
+    assert json.loads((tmp_path / "llm_usage.json").read_text())["total_tokens"] == 120
+    assert server.requests[0]["model"] == "model-a"
+
+
+def test_search_text_that_does_not_match_gets_one_retry_that_shows_the_error(tmp_path):
+    with ScriptedServer([("reply", MISSING_EDIT), ("reply", GOOD_EDIT)]) as server:
+        proposal = operator(server, tmp_path).propose([parent()], random.Random(0))
+        assert isinstance(proposal, Proposal) and "LR = 0.02" in proposal.code
+        retry_prompt = server.requests[1]["messages"][-1]["content"]
+    assert "does not appear in the file" in retry_prompt
+    assert server.requests[1]["messages"][-2] == {"role": "assistant", "content": MISSING_EDIT}
+
+
+def test_a_second_bad_reply_is_a_counted_refusal(tmp_path):
+    ambiguous = "HYPOTHESIS: x\n<<<<<<< SEARCH\n\n=======\nX = 1\n>>>>>>> REPLACE\n"
+    with ScriptedServer([("reply", MISSING_EDIT), ("reply", ambiguous)]) as server:
+        result = operator(server, tmp_path).propose([parent()], random.Random(0))
+    assert isinstance(result, Refusal) and "after a retry" in result.reason
+
+
+@pytest.mark.parametrize("script, words", [
+    ([("reply", "I think you should try a bigger model!")] * 2, "no SEARCH/REPLACE blocks"),
+    ([("reply", "   ")], "empty reply"),
+    ([("garbage", "<html>not json</html>")], "unreadable response"),
+    ([("status", 500)] * 3, "server error (HTTP 500), after 3 attempts"),
+    ([("status", 429)] * 3, "rate limited (HTTP 429), after 3 attempts"),
+    ([("status", 400)], "request rejected (HTTP 400)"),
+    ([("sleep", 3.0)] * 3, "timeout after 2s"),
+])
+def test_faults_are_refusals_with_reasons(tmp_path, script, words):
+    with ScriptedServer(script) as server:
+        result = operator(server, tmp_path).propose([parent()], random.Random(0))
+    assert isinstance(result, Refusal)
+    assert words in result.reason
+
+
+def test_429_and_500_are_retried_with_backoff_then_succeed(tmp_path):
+    with ScriptedServer([("status", 429), ("status", 502), ("reply", GOOD_EDIT)]) as server:
+        result = operator(server, tmp_path).propose([parent()], random.Random(0))
+        assert len(server.requests) == 3
+    assert isinstance(result, Proposal)
+
+
+def test_connection_refused_is_a_refusal(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = LLMSettings(base_url=f"http://127.0.0.1:{port}/v1", retries=1, timeout=2.0)
+    result = LLMEdit(settings, tmp_path).propose([parent()], random.Random(0))
+    assert isinstance(result, Refusal) and "connection failed" in result.reason
+
+
+def test_a_child_that_does_not_compile_is_retried_then_refused(tmp_path):
+    broken = "HYPOTHESIS: x\n<<<<<<< SEARCH\nLR = 0.01\n=======\nLR = = 0.02\n>>>>>>> REPLACE\n"
+    with ScriptedServer([("reply", broken), ("reply", broken)]) as server:
+        result = operator(server, tmp_path).propose([parent()], random.Random(0))
+        assert "does not compile" in server.requests[1]["messages"][-1]["content"]
+    assert isinstance(result, Refusal)
+
+
+def test_whole_file_mode(tmp_path):
+    reply = "HYPOTHESIS: rewrite\n```python\n" + PARENT.replace("DEPTH = 4", "DEPTH = 6") + "```\n"
+    with ScriptedServer([("reply", reply)]) as server:
+        result = operator(server, tmp_path, edit_format="full").propose([parent()], random.Random(0))
+        assert "whole new file" in server.requests[0]["messages"][-1]["content"]
+    assert isinstance(result, Proposal) and "DEPTH = 6" in result.code
+
+
+def test_the_prompt_carries_program_relatives_failures_and_ideas(tmp_path):
+    context = Context(
+        relatives=[Relative("v00007", PARENT.replace("DEPTH = 4", "DEPTH = 3"), 2.31, 1)],
+        failures=[Failure("v00004", "oom", "memory above the limit", "Traceback: RuntimeError: boom", "DEPTH 4 -> 64")],
+        ideas=[Idea("perturb", "LR 0.01 -> 0.005", "val_bpb 2.6000 vs parent 2.5000")],
+    )
+    with ScriptedServer([("reply", GOOD_EDIT)]) as server:
+        operator(server, tmp_path).propose([parent()], random.Random(0), context)
+        prompt = server.requests[0]["messages"][1]["content"]
+    program = (Path(__file__).resolve().parents[1] / "program.md").read_text()
+    assert program.strip()[:200] in prompt
+    assert "val_bpb 2.5000" in prompt and PARENT in prompt
+    assert "-DEPTH = 4\n+DEPTH = 3" in prompt and "v00007" in prompt
+    assert "oom" in prompt and "RuntimeError: boom" in prompt
+    assert "LR 0.01 -> 0.005 -> val_bpb 2.6000 vs parent 2.5000" in prompt
+
+
+def test_token_budget_switches_the_operator_off(tmp_path):
+    with ScriptedServer([("reply", GOOD_EDIT)] * 3) as server:
+        op = operator(server, tmp_path, token_budget=200)
+        assert op.active
+        assert isinstance(op.propose([parent()], random.Random(0)), Proposal)
+        assert op.active  # 120 of 200 spent
+        op.propose([parent()], random.Random(0))
+        assert not op.active  # 240 of 200
+        result = op.propose([parent()], random.Random(0))
+        assert isinstance(result, Refusal) and "token budget" in result.reason
+        assert len(server.requests) == 2
+
+
+def test_llm_crossover_merges_two_parents(tmp_path):
+    other = PARENT.replace("DEPTH = 4", "DEPTH = 2")
+    merged = "HYPOTHESIS: B's depth with A's rate\n```python\n" + PARENT.replace("DEPTH = 4", "DEPTH = 2").replace("0.01", "0.015") + "```"
+    with ScriptedServer([("reply", merged)]) as server:
+        result = operator(server, tmp_path, cls=LLMCrossover).propose(
+            [parent(), Parent("v00002", other, 2.4)], random.Random(0), Context())
+        prompt = server.requests[0]["messages"][1]["content"]
+    assert "val_bpb 2.5000" in prompt and "val_bpb 2.4000" in prompt and other in prompt
+    assert isinstance(result, Proposal) and "0.015" in result.code and result.details["second_parent"] == "v00002"
+
+
+def test_weighted_models(tmp_path):
+    with ScriptedServer([("reply", GOOD_EDIT)] * 40) as server:
+        op = operator(server, tmp_path, models={"big": 1.0, "small": 3.0, "off": 0.0})
+        rng = random.Random(1)
+        for _ in range(40):
+            op.propose([parent()], rng)
+        counts = {m: sum(r["model"] == m for r in server.requests) for m in ("big", "small", "off")}
+    assert counts["off"] == 0 and counts["small"] > counts["big"] > 0
