@@ -46,7 +46,23 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
         refused = sum(counters.refusals.get(name, {}).values())
         lines.append(f"  {name:<10} {counters.proposed.get(name, 0):>9} {refused:>8} {len(members):>10} "
                      f"{sum(i.evaluated_ok for i in members):>5} {counters.improved.get(name, 0):>9}")
+    lines += _llm_lines(store, population)
     return "\n".join(lines)
+
+
+def _llm_lines(store: RunStore, population: Population) -> list[str]:
+    path = store.dir / "llm_usage.json"
+    if not path.is_file():
+        return []
+    usage = json.loads(path.read_text())
+    lines = ["", f"LLM: {usage['requests']} requests, {usage['total_tokens']:,} tokens "
+                 f"({usage['prompt_tokens']:,} prompt, {usage['completion_tokens']:,} completion)"]
+    for model, m in sorted(usage["by_model"].items()):
+        children = [i for i in population.individuals.values() if json.loads(i.details).get("llm", {}).get("model") == model]
+        latency = [json.loads(i.details)["llm"]["latency_s"] for i in children]
+        mean = f", mean latency {sum(latency) / len(latency):.1f}s" if latency else ""
+        lines.append(f"  {model}: {m['requests']} requests, {m['total_tokens']:,} tokens, {len(children)} children{mean}")
+    return lines
 
 
 def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:

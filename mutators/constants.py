@@ -14,6 +14,7 @@ takes part only when its comment lists choices. A trailing comment narrows or fi
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import random
 import re
@@ -138,8 +139,14 @@ def _assignments(module: cst.Module):
                 yield target.value, assign, comment.value if comment else None
 
 
+@functools.lru_cache(maxsize=32)
+def parse(code: str) -> cst.Module:
+    """libcst parsing is slow and its trees are immutable: parse each parent once."""
+    return cst.parse_module(code)
+
+
 def find_constants(code: str) -> list[Constant]:
-    module = cst.parse_module(code)
+    module = parse(code)
     found = []
     for name, assign, comment in _assignments(module):
         source = module.code_for_node(assign.value)
@@ -230,7 +237,7 @@ def replace_constants(code: str, new_values: dict[str, str]) -> str:
             self.depth -= 1
             return updated
 
-    return cst.parse_module(code).visit(Replace()).code
+    return parse(code).visit(Replace()).code
 
 
 class PerturbConstants:

@@ -81,7 +81,7 @@ class Crossover:
         for statement in module_a.body:
             name = _defined_name(statement)
             if name in taken:
-                for extra in brought:
+                for extra in reversed(brought):  # deepest dependencies first
                     if extra not in placed:
                         body.append(defs_b[extra])
                         placed.add(extra)

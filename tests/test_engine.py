@@ -230,3 +230,52 @@ def test_resume_with_a_higher_limit_extends_a_finished_run(setup_run):
     resume_run(run_dir, ["stopping.max_evaluations=4"], log=lambda line: None).run()
     individuals, state = RunStore(run_dir).load()
     assert state["counters"]["evaluations"] == 4 and len(individuals) == 4
+
+
+def test_llm_operator_in_a_run_records_tokens_and_status_totals(setup_run, tmp_path):
+    from tests.llm_server import ScriptedServer
+
+    # Each edit anchors on a line every parent has, so it applies whichever parent is chosen.
+    edits = [("reply", f"HYPOTHESIS: quality {q}\n<<<<<<< SEARCH\nSLEEP = 0.2\n=======\nSLEEP = 0.2\nQUALITY = {q}\n>>>>>>> REPLACE\n")
+             for q in (0.6, 0.7, 0.8)]
+    with ScriptedServer(edits, default=("reply", "no idea")) as server:
+        config_path, run_dir, _ = setup_run(
+            max_evaluations=4, operators={"llm": 1.0},
+            mutators={"llm": {"base_url": server.base_url, "models": {"m1": 1.0}, "retries": 0, "timeout": 5}})
+        engine = start_run(load_config(config_path), config_path, log=lambda line: None)
+        engine.run()
+        prompts = server.prompts()
+    individuals, state = RunStore(run_dir).load()
+    children = [i for i in individuals if i.operator == "llm"]
+    assert len(children) == 3 and all(i.llm_tokens == 120 for i in children)
+    assert {i.hypothesis for i in children} == {"quality 0.6", "quality 0.7", "quality 0.8"}
+    text = status_text(run_dir)
+    assert "LLM: " in text and "m1:" in text and "3 children" in text
+    assert any("QUALITY = 0.5" in p for p in prompts)
+
+
+@pytest.mark.slow
+def test_short_evolution_of_the_cpu_seed_with_ast_and_optuna_operators(tmp_path, small_data):
+    """Issue evidence: operator statistics as `evo status` shows them, on the real CPU seed."""
+    import yaml
+
+    config = {
+        "run": {"name": "ev", "dir": str(tmp_path)},
+        "data": {"dir": str(small_data), "seq_len": 64, "eval_tokens": 2048},
+        "budget": {"seconds": 2, "startup_grace": 60, "eval_grace": 60},
+        "operators": {"perturb": 1.0, "optuna": 1.0, "crossover": 0.5},
+        "stopping": {"max_evaluations": 7},
+        "workers": {"count": 1, "device": "cpu"},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "evo.cli", "run", str(path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = subprocess.run([sys.executable, "-m", "evo.cli", "status", str(tmp_path / "ev")],
+                            capture_output=True, text=True, timeout=60).stdout
+    rows = {line.split()[0]: line.split()[1:] for line in status.splitlines()
+            if line.strip() and line.split()[0] in ("perturb", "optuna", "crossover", "seed")}
+    proposed, refused, evaluated, ok, improved = (sum(int(r[k]) for name, r in rows.items() if name != "seed") for k in range(5))
+    assert evaluated == 6 and rows["seed"][2] == "1"
+    assert proposed >= evaluated and ok >= 4 and 0 <= improved <= ok
+    assert (tmp_path / "ev" / "optuna.journal").exists() == ("optuna" in rows and int(rows["optuna"][0]) > 0)

@@ -1,0 +1,182 @@
+"""AST operators (libcst): finding hyperparameters, moving them, crossing two parents over."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from mutators.base import Parent, Proposal, Refusal
+from mutators.constants import CommentError, PerturbConstants, find_constants, move, replace_constants
+from mutators.crossover import Crossover
+from mutators.optuna_op import OptunaProposals
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = [ROOT / "trainer" / "train_cpu.py", ROOT / "trainer" / "train_gpu.py"]
+
+SAMPLE = '''"""A sample."""
+import math
+
+DEPTH = 8  # layers
+LR = 3e-4
+BETAS = (0.9, 0.95)
+BATCH = 2**19
+USE_BIAS = False
+ACT = "relu2"  # evo: choice(relu2, gelu, silu)
+WD = 0.1  # evo: range(0.0, 0.2)
+LOG_EVERY = 10  # evo: fixed
+NAME = "model"
+lower_case = 5
+
+
+def f(x):
+    DEPTH = 99  # not module level
+    return x * DEPTH
+'''
+
+
+def test_find_constants_and_their_domains():
+    found = {c.name: c for c in find_constants(SAMPLE)}
+    assert set(found) == {"DEPTH", "LR", "BETAS", "BATCH", "USE_BIAS", "ACT", "WD"}
+    assert found["BATCH"].value == 2**19 and found["BATCH"].source == "2**19"
+    assert found["ACT"].domain.choices == ["relu2", "gelu", "silu"]
+    assert (found["WD"].domain.low, found["WD"].domain.high) == (0.0, 0.2)
+    assert [d.kind for d in found["BETAS"].domain] == ["fraction", "fraction"]
+    assert found["LR"].domain.log and found["DEPTH"].domain.kind == "int"
+
+
+def test_bad_evo_comment_is_a_clear_error():
+    with pytest.raises(CommentError, match="X: range"):
+        find_constants("X = 1.0  # evo: range(high, low)\n")
+
+
+def test_moves_stay_in_their_domains():
+    rng = random.Random(0)
+    found = {c.name: c for c in find_constants(SAMPLE)}
+    for _ in range(300):
+        assert 0 < move(found["BETAS"], rng)[1] < 1
+        assert 0.0 <= move(found["WD"], rng) <= 0.2
+        assert move(found["ACT"], rng) in {"gelu", "silu"}
+        depth = move(found["DEPTH"], rng)
+        assert depth in (4, 16)  # a power of two moves by a factor of two
+        assert move(found["USE_BIAS"], rng) is True
+
+
+def test_perturb_changes_only_the_chosen_lines():
+    rng = random.Random(3)
+    op = PerturbConstants(max_changes=2)
+    for _ in range(50):
+        child = op.propose([Parent("p", SAMPLE, 2.0)], rng)
+        assert isinstance(child, Proposal)
+        before, after = SAMPLE.splitlines(), child.code.splitlines()
+        assert len(before) == len(after)
+        changed = [(b, a) for b, a in zip(before, after) if b != a]
+        assert 1 <= len(changed) <= 2
+        for b, a in changed:
+            name = b.split("=")[0].strip()
+            assert a.startswith(f"{name} = ") and name in child.details["changes"]
+            if "#" in b:  # the comment survives
+                assert a.endswith(b[b.index("#"):])
+        assert "    DEPTH = 99  # not module level" in after
+
+
+def test_replace_keeps_formatting_and_comments_byte_for_byte():
+    code = "X = 1   # keep   this\n\n\nY = (1,\n     2)\n"
+    assert replace_constants(code, {"X": "2"}) == "X = 2   # keep   this\n\n\nY = (1,\n     2)\n"
+
+
+def test_no_constants_is_a_refusal():
+    result = PerturbConstants().propose([Parent("p", "print('hi')\n", None)], random.Random(0))
+    assert isinstance(result, Refusal) and "no module-level constants" in result.reason
+
+
+@pytest.mark.parametrize("seed", SEEDS, ids=lambda p: p.name)
+def test_perturbations_of_the_seeds_compile(seed):
+    code, rng, op = seed.read_text(), random.Random(0), PerturbConstants()
+    outcomes = [op.propose([Parent("p", code, 2.0)], rng) for _ in range(60)]
+    valid = [o for o in outcomes if isinstance(o, Proposal)]
+    assert len(valid) >= 57  # benchmarks/operator_validity.py measures 200 and the smoke stage
+    for proposal in valid:
+        compile(proposal.code, "train.py", "exec")
+
+
+A = '''import math
+
+LR = 0.01
+
+
+def helper(x):
+    return x + 1
+
+
+def train():
+    return helper(LR)
+'''
+
+B = '''import math
+
+LR = 0.02
+SCALE = 3.0
+
+
+def scaled(x):
+    return x * SCALE
+
+
+def helper(x):
+    return scaled(x) + 1
+
+
+def train():
+    return helper(LR)
+'''
+
+
+def test_crossover_takes_definitions_with_their_dependencies():
+    op = Crossover(max_taken=1)
+    seen = set()
+    for i in range(30):
+        child = op.propose([Parent("a", A, 2.0), Parent("b", B, 2.1)], random.Random(i))
+        assert isinstance(child, Proposal)
+        compile(child.code, "train.py", "exec")
+        taken = tuple(child.details["taken"])
+        seen.add(taken)
+        if taken == ("helper",):
+            assert sorted(child.details["brought"]) == ["SCALE", "scaled"]
+            namespace = {}
+            exec(child.code, namespace)
+            assert namespace["train"]() == 0.01 * 3.0 + 1  # A's LR through B's helper
+            assert child.code.index("def scaled") < child.code.index("def helper")
+        if taken == ("LR",):
+            assert "LR = 0.02" in child.code and "def scaled" not in child.code
+    assert {("helper",), ("LR",)} <= seen
+
+
+def test_crossover_of_identical_parents_is_refused():
+    result = Crossover().propose([Parent("a", A, 2.0), Parent("b", A, 2.0)], random.Random(0))
+    assert isinstance(result, Refusal) and "nothing to cross" in result.reason
+
+
+def test_optuna_learns_per_skeleton_and_survives_a_restart(tmp_path):
+    journal = tmp_path / "optuna.journal"
+    op = OptunaProposals(journal, seed=0)
+    parent = Parent("p", SAMPLE, 2.0)
+    first = op.propose([parent], random.Random(0))
+    assert isinstance(first, Proposal) and first.details["study"].startswith("skeleton-")
+    op.feedback(first.details, 1.9, evaluated=True)
+    second = op.propose([parent], random.Random(0))
+    op.feedback(second.details, None, evaluated=True)  # a crash is told as failed
+    third = op.propose([parent], random.Random(0))
+    op.feedback(third.details, None, evaluated=False)  # a duplicate never run is pruned
+
+    reopened = OptunaProposals(journal, seed=0)  # as after a resume
+    states = [(number, state, value) for _, number, state, value in reopened.trials()]
+    assert states[0] == (0, "COMPLETE", 2.0)  # the parent entered as a finished trial
+    assert states[1:] == [(1, "COMPLETE", 1.9), (2, "FAIL", None), (3, "PRUNED", None)]
+    fourth = reopened.propose([parent], random.Random(0))
+    assert fourth.details["trial"] == 4
+
+    other_skeleton = SAMPLE.replace("return x * DEPTH", "return x + DEPTH")
+    different = reopened.propose([Parent("q", other_skeleton, 2.2)], random.Random(0))
+    assert different.details["study"] != first.details["study"]
