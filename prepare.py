@@ -533,6 +533,23 @@ def _write_metrics(metrics: dict) -> None:
     os.replace(tmp, METRICS_PATH)
 
 
+# What evaluate_bpb relies on, as it was at import. A variant that swaps one of these (for
+# example through vars(prepare) or by patching torch's cross-entropy) is caught and marked.
+_TRUSTED_NAMES = ("_logits_of", "_eval_rows", "_probe_causality", "_bpb_of_rows", "_write_metrics",
+                  "_tokens", "read_meta", "_require_prepared")
+_TRUSTED = {name: (globals()[name], globals()[name].__code__) for name in _TRUSTED_NAMES}
+_TRUSTED_TORCH = (torch.nn.functional.cross_entropy, torch.Tensor.sum, torch.autocast)
+
+
+def _integrity_problem() -> str | None:
+    for name, (function, code) in _TRUSTED.items():
+        if globals().get(name) is not function or function.__code__ is not code:
+            return f"prepare.{name} was replaced or modified"
+    if (torch.nn.functional.cross_entropy, torch.Tensor.sum, torch.autocast) != _TRUSTED_TORCH:
+        return "torch functions used by evaluate_bpb were replaced"
+    return None
+
+
 def evaluate_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batch_size: int) -> float:
     """Validation bits per byte, computed here from the model's logits. The trusted number.
 
@@ -549,6 +566,10 @@ def evaluate_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batch_size: int) 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
     meta = read_meta()
     metrics: dict = {"seq_len": T, "eval_tokens_requested": EVAL_TOKENS, "data_fingerprint": meta["fingerprint"]}
+    problem = _integrity_problem()
+    if problem:
+        _write_metrics({**metrics, "tampered": problem})
+        raise RuntimeError(f"evaluation refused: {problem}")
     try:
         with torch.no_grad(), autocast:
             val_rows = _eval_rows("val", EVAL_TOKENS, T)

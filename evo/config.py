@@ -113,6 +113,18 @@ class MutatorsSection(Section):
     llm: LLMSettings = LLMSettings()
 
 
+class GuardSection(Section):
+    enabled: bool = Field(True, description="false: the champion is simply the best first draw (not recommended)")
+    noise_runs: int = Field(3, ge=2, description="k: re-runs of the seed with new seeds that measure the noise floor")
+    reruns: int = Field(3, ge=2, description="n: re-runs of a candidate with new seeds, held-out scored")
+    z: float = Field(2.0, ge=0, description="a candidate must beat the champion's mean by more than z * sigma ...")
+    min_delta: float = Field(0.002, ge=0, description="... and by at least this much val_bpb (also the minimum mean gain)")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided Welch test")
+    alarm_window: int = Field(3, ge=2, description="champions looked at by the overfitting alarm")
+    transfer_multiplier: float | None = Field(None, gt=1, description="re-run new and previous champion at this x budget; null: off")
+    transfer_runs: int = Field(1, ge=1, description="runs of each at the larger budget")
+
+
 class ExecutorSection(Section):
     kind: Literal["local"] = Field("local", description="local processes (a Ray executor will follow)")
 
@@ -126,6 +138,7 @@ class Config(Section):
     population: PopulationSection = PopulationSection()
     operators: dict[str, float] = Field(default_factory=lambda: {"perturb": 1.0}, description="operator name -> weight")
     mutators: MutatorsSection = MutatorsSection()
+    guard: GuardSection = GuardSection()
     cascade: CascadeSection = CascadeSection()
     stopping: StoppingSection = StoppingSection()
     workers: WorkersSection = WorkersSection()

@@ -20,6 +20,7 @@ from typing import Callable
 
 import prepare
 from evo.config import Config
+from evo.guard import Guard, Job
 from evo.population import PENDING, Individual, Population, normalized_hash
 from evo.progress import Snapshot, clock
 from evo.store import RunStore
@@ -42,6 +43,7 @@ class Counters:
     proposed: dict = field(default_factory=dict)  # operator -> children offered
     improved: dict = field(default_factory=dict)  # operator -> children better than their parent
     smoke_failures: dict = field(default_factory=dict)
+    guard_runs: int = 0  # noise-floor, candidate and transfer re-runs finished
     elapsed_seconds: float = 0.0  # wall time of finished sessions (resumes add up)
 
 
@@ -62,7 +64,9 @@ class Engine:
         self.data_dir = config.data.dir or prepare.DATA_DIR
         self.prepare_hash = store.run_info()["prepare_hash"]
         self._session_start = time.monotonic()
-        self._in_flight: dict[Future, WorkerSlot] = {}  # worker jobs: breed (if needed), then evaluate
+        self._in_flight: dict[Future, tuple[WorkerSlot, str]] = {}  # job -> (slot, "child" or "guard")
+        self._guard_running: list[Job] = []
+        self.guard = Guard(config.guard, log=lambda line: self.log(line))
         self._running: set[str] = set()  # ids being evaluated
         self._next_island = 0
         self.lock = threading.RLock()  # population, counters and checkpoints are shared by workers
@@ -74,6 +78,7 @@ class Engine:
             "counters": {**c.__dict__, "elapsed_seconds": self.elapsed_seconds()},
             "rng": _rng_to_json(self.rng.getstate()),
             "migrants": self.population.migrants,
+            "guard": self.guard.to_state(self._guard_running),
         }
 
     def restore(self, individuals: list[Individual], state: dict) -> None:
@@ -82,6 +87,8 @@ class Engine:
         self.counters = Counters(**state["counters"])
         self.rng.setstate(_rng_from_json(state["rng"]))
         self.population.migrants = state["migrants"]
+        if "guard" in state:
+            self.guard.restore(state["guard"])
         self._session_start = time.monotonic()
 
     def checkpoint(self) -> None:
@@ -93,7 +100,7 @@ class Engine:
     # ---- stopping ----
     def stop_reason(self) -> str | None:
         s = self.config.stopping
-        started = self.counters.evaluations + len(self._in_flight)
+        started = self.counters.evaluations + sum(kind == "child" for _, kind in self._in_flight.values())
         if s.max_evaluations is not None and started >= s.max_evaluations:
             return f"max_evaluations ({s.max_evaluations}) reached"
         if s.max_hours is not None and self.elapsed_seconds() >= s.max_hours * 3600:
@@ -224,7 +231,7 @@ class Engine:
         queued = any(i.id not in self._running for i in self.population.pending())
         return queued or not self.population.individuals or self.population.best() is not None
 
-    def _work(self, slot: WorkerSlot):
+    def _child_work(self, slot: WorkerSlot):
         """One worker's job: take or breed an individual, then evaluate it."""
         with self.lock:
             individual = self._take_queued()
@@ -238,6 +245,14 @@ class Engine:
                 self._running.add(individual.id)
         individual.device = slot.label
         return individual, self.evaluate(individual, slot)
+
+    def _guard_work(self, slot: WorkerSlot, job: Job):
+        """A re-run for the guard: new seed, held-out scored, in the variant's own sub-folder."""
+        code = self.population.individuals[job.individual].code
+        settings = self.run_settings(slot, seconds=self.config.budget.seconds * job.budget_multiplier, seed=job.seed)
+        settings.heldout = True
+        run_dir = self.store.variant_dir(job.individual) / job.key
+        return job, run_variant(code, settings, run_dir, job.token, self.cancel)
 
     # ---- evaluation ----
     def run_settings(self, slot: WorkerSlot, seconds: float | None = None, seed: int | None = None) -> RunSettings:
@@ -280,6 +295,19 @@ class Engine:
         if individual.evaluated_ok and parent is not None and parent.val_bpb is not None and individual.val_bpb < parent.val_bpb:
             c.improved[individual.operator] = c.improved.get(individual.operator, 0) + 1
         self._feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
+        if individual.operator == "seed" and individual.evaluated_ok:
+            self.guard.start(individual.id, individual.val_bpb)
+            individual.verdict = "champion" if self.config.guard.enabled else ""
+        elif individual.evaluated_ok:
+            self.guard.consider(individual.id, individual.val_bpb)
+
+    def record_guard(self, job: Job, result: RunResult) -> None:
+        self.counters.guard_runs += 1
+        for candidate, value in self.guard.record(job, result.status, result.metrics):
+            self.guard.consider(candidate, value)
+        verdict = self.guard.records[job.individual].verdict
+        if verdict:
+            self.population.individuals[job.individual].verdict = verdict
 
     def _feedback(self, operator_name: str, details: dict, val_bpb: float | None, evaluated: bool) -> None:
         """Operators that learn (Optuna) hear how their children did."""
@@ -296,13 +324,54 @@ class Engine:
                 data = json.loads(path.read_text())
                 self.record(individual, RunResult(**data), _slot_from_label(individual.device))
                 adopted += 1
+        for job in list(self.guard.queue):
+            path = self.store.variant_dir(job.individual) / job.key / "result.json"
+            if path.is_file():
+                self.guard.queue.remove(job)
+                self.record_guard(job, RunResult(**json.loads(path.read_text())))
+                adopted += 1
         return adopted
 
     def sweep_leftovers(self) -> int:
         """Kill processes of evaluations that were in flight when the engine died."""
-        return sum(processes.kill_by_token(i.run_token) for i in self.population.pending() if i.run_token)
+        tokens = [i.run_token for i in self.population.pending()] + [j.token for j in self.guard.queue]
+        return sum(processes.kill_by_token(t) for t in tokens if t)
 
     # ---- the loop ----
+    def _submit(self, pool: ThreadPoolExecutor, slot: WorkerSlot, breeding_allowed: bool) -> bool:
+        """Start the next job on a free worker: guard re-runs first, then children."""
+        with self.lock:
+            job = self.guard.take()
+            if job is not None:
+                job.token = uuid.uuid4().hex
+                self._guard_running.append(job)
+                self.checkpoint()  # the job is recorded with its token before it runs
+                self._in_flight[pool.submit(self._guard_work, slot, job)] = (slot, "guard")
+                return True
+            if breeding_allowed and self._can_start():
+                self._in_flight[pool.submit(self._child_work, slot)] = (slot, "child")
+                return True
+        return False
+
+    def _collect(self, future: Future, slot: WorkerSlot, kind: str) -> bool:
+        """Record a finished job; False when a child job could not breed anything."""
+        outcome = future.result()
+        if outcome is None:
+            return False
+        with self.lock:
+            if kind == "guard":
+                job, result = outcome
+                self._guard_running.remove(job)
+                self.record_guard(job, result)
+                self.checkpoint()
+                return True
+            individual, result = outcome
+            self._running.discard(individual.id)
+            self.record(individual, result, slot)
+            self.checkpoint()
+        self._report(individual)
+        return True
+
     def run(self) -> str:
         free = list(self.slots)
         pool = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="evo-worker")
@@ -310,45 +379,32 @@ class Engine:
         try:
             while True:
                 reason = reason or self.stop_reason()
-                while free and reason is None:
-                    with self.lock:
-                        if not self._can_start():
-                            break  # wait for the seed's result before breeding
-                    slot = free.pop(0)
-                    self._in_flight[pool.submit(self._work, slot)] = slot
-                    reason = self.stop_reason()
+                # After a stop reason, queued guard re-runs still finish: no verdict is left open.
+                while free and self._submit(pool, free[0], breeding_allowed=reason is None):
+                    free.pop(0)
+                    reason = reason or self.stop_reason()
                 if not self._in_flight:
                     break
                 self.on_tick(self.snapshot())
                 done, _ = wait(list(self._in_flight), timeout=1.0, return_when=FIRST_COMPLETED)
                 for future in done:
-                    slot = self._in_flight.pop(future)
+                    slot, kind = self._in_flight.pop(future)
                     free.append(slot)
-                    outcome = future.result()
-                    if outcome is None:
-                        fruitless += 1
-                        if fruitless >= 3 and not self._in_flight:
-                            reason = reason or "no new child could be bred (all proposals refused or duplicates)"
+                    if self._collect(future, slot, kind):
+                        fruitless = 0
                         continue
-                    fruitless = 0
-                    individual, result = outcome
-                    with self.lock:
-                        self._running.discard(individual.id)
-                        self.record(individual, result, slot)
-                        self.checkpoint()
-                    self._report(individual)
+                    fruitless += 1
+                    if fruitless >= 3 and not self._in_flight:
+                        reason = reason or "no new child could be bred (all proposals refused or duplicates)"
                 reason = self.stop_reason() if reason is None else reason
         except KeyboardInterrupt:
             reason = "interrupted"
             self.cancel.set()
-            for future in list(self._in_flight):
+            for future, (slot, kind) in list(self._in_flight.items()):
                 try:
-                    outcome = future.result()
+                    self._collect(future, slot, kind)
                 except RunCancelled:
-                    continue  # stays pending; resume re-runs it
-                if outcome is not None:
-                    with self.lock:
-                        self.record(outcome[0], outcome[1], self._in_flight[future])
+                    pass  # stays pending (or queued); resume runs it again
             self._in_flight.clear()
             raise
         finally:

@@ -35,6 +35,7 @@ class Individual:
     peak_memory_mb: float | None = None
     device: str = ""
     llm_tokens: int = 0
+    verdict: str = ""  # the guard's word: champion, promoted, not significant, held-out disagrees, ...
     run_token: str = ""  # identifies the evaluation's processes while it runs
     created_at: float = 0.0
     finished_at: float | None = None

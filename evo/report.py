@@ -6,35 +6,79 @@ import difflib
 import json
 from pathlib import Path
 
+from evo.config import load_config
 from evo.engine import Counters
+from evo.guard import Guard
 from evo.population import Population
 from evo.progress import clock
 from evo.store import RunStore, StoreError
 
 
-def load_population(store: RunStore) -> tuple[Population, Counters]:
+def load_population(store: RunStore) -> tuple[Population, Counters, Guard]:
     individuals, state = store.load()
     population = Population(1, len(individuals) or 1)
     for individual in individuals:
         population.add(individual)
-    return population, Counters(**state["counters"])
+    config = load_config(store.dir / "config.yaml")
+    guard = Guard(config.guard, log=lambda line: None)
+    if "guard" in state:
+        guard.restore(state["guard"])
+    return population, Counters(**state["counters"]), guard
+
+
+def champion_of(population: Population, guard: Guard):
+    """The guard's champion when it has one with re-runs; otherwise the best first draw."""
+    if guard.champion is not None and guard.champion.stats() is not None:
+        return population.individuals[guard.champion.id], guard.champion.stats()
+    return population.best(), None
+
+
+def champion_lines(population: Population, guard: Guard) -> list[str]:
+    champion, stats = champion_of(population, guard)
+    if champion is None:
+        return ["champion: none yet"]
+    if stats is None:
+        return [f"champion: {champion.id}, first draw val_bpb {champion.val_bpb:.4f} (not re-run: no noise floor yet)"]
+    p = f", p={stats['p_value']:.3g}" if stats["p_value"] is not None else " (the seed)"
+    lines = [
+        f"champion: {champion.id} ({champion.operator}){p}",
+        f"  val_bpb  {stats['val_mean']:.4f} ± {stats['val_std']:.4f} over n={stats['n']} re-runs"
+        + (f"; first draw {stats['first_val']:.4f}, gap {stats['first_draw_gap']:+.4f}" if stats["first_val"] is not None else ""),
+        f"  held-out {stats['held_mean']:.4f} ± {stats['held_std']:.4f}",
+    ]
+    sigma = guard.sigma()
+    if sigma is not None:
+        lines.append(f"  noise floor: sigma {sigma:.4f} val_bpb between seeds of the unchanged seed variant")
+    if len(guard.champions) > 1:
+        lines.append("  champions so far: " + " -> ".join(guard.champions))
+    verdicts = [r for r in guard.records.values() if r.verdict and r.verdict not in ("champion", "promoted")]
+    if verdicts:
+        lines.append("  candidates not promoted: " + ", ".join(f"{r.id} ({r.verdict})" for r in verdicts))
+    alarm = guard.overfitting_alarm()
+    if alarm:
+        lines.append("  " + alarm)
+    lines += ["  " + line for line in guard.transfer_summary()]
+    return lines
 
 
 def status_text(run_dir: str | Path, top: int = 5) -> str:
     store = RunStore(run_dir)
     info = store.run_info()
-    population, counters = load_population(store)
+    population, counters, guard = load_population(store)
     lines = [
         f"run: {store.dir}",
         f"evaluations: {counters.evaluations}   births: {counters.births}   duplicates skipped: {counters.duplicates}   "
-        f"time used: {clock(counters.elapsed_seconds)}   data: {info['data_fingerprint']}",
+        f"time used: {clock(counters.elapsed_seconds)}   guard re-runs: {counters.guard_runs}   data: {info['data_fingerprint']}",
         "",
-        "best variants:",
-        f"  {'id':<8} {'val_bpb':>9} {'operator':<10} {'parent':<8} hypothesis",
+        *champion_lines(population, guard),
+        "",
+        "best first draws (selection uses these; only the champion's numbers above are re-run means):",
+        f"  {'id':<8} {'val_bpb':>9} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
     ]
     for individual in population.ranked()[:top]:
         parent = individual.parents[0] if individual.parents else "-"
-        lines.append(f"  {individual.id:<8} {individual.val_bpb:>9.4f} {individual.operator:<10} {parent:<8} {individual.hypothesis[:70]}")
+        lines.append(f"  {individual.id:<8} {individual.val_bpb:>9.4f} {individual.operator:<10} {parent:<8} "
+                     f"{individual.verdict:<20} {individual.hypothesis[:60]}")
     lines += ["", "by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.by_status.items()))]
     pending = population.pending()
     if pending:
@@ -67,8 +111,8 @@ def _llm_lines(store: RunStore, population: Population) -> list[str]:
 
 def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     store = RunStore(run_dir)
-    population, _ = load_population(store)
-    champion = population.best()
+    population, _, guard = load_population(store)
+    champion, stats = champion_of(population, guard)
     if champion is None:
         raise StoreError(f"{store.dir} has no successfully evaluated variant yet; nothing to export")
     out = Path(out_dir) if out_dir else store.dir / "export"
@@ -83,7 +127,10 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     ]
     metadata = {
         "id": champion.id,
-        "val_bpb": champion.val_bpb,
+        "val_bpb": stats["val_mean"] if stats else champion.val_bpb,
+        "val_bpb_is": "mean of the guard's re-runs" if stats else "first draw (never re-run)",
+        "guard": stats,
+        "first_draw_val_bpb": champion.val_bpb,
         "metrics": json.loads(champion.metrics),
         "eval_seed": champion.eval_seed,
         "lineage": lineage,

@@ -88,8 +88,8 @@ def precheck(code: str, filename: str = "train.py") -> Refusal | None:
             if isinstance(func, ast.Attribute) and func.attr in _ENV_WRITERS and _passes_evo_key(node):
                 return _refusal(node, "sets an EVO_ environment variable; settings come from the runner")
         dotted = _prepare_path(node)
-        if dotted and any(part.startswith("__") for part in dotted.split(".")):
-            return _refusal(node, f"uses {dotted}; variants use prepare's API only")
+        if dotted and any(part.startswith("_") for part in dotted.split(".")[1:]):
+            return _refusal(node, f"uses {dotted}; variants use prepare's public API only")
     return None
 
 

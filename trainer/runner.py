@@ -263,11 +263,32 @@ def _classify(result: RunResult, killed_for: str | None, settings: RunSettings) 
         result.status, result.reason = classify_failure(result.returncode, result.log_tail)
     elif "val_bpb" not in result.metrics:
         result.status, result.reason = "no_metrics", "exited 0 without prepare.evaluate_bpb writing metrics"
+    elif (problem := _metrics_problem(result.metrics, settings)) is not None:
+        result.status, result.reason = "tampered", f"metrics file not written by evaluate_bpb: {problem}"
     elif not math.isfinite(result.metrics["val_bpb"]):
         result.status, result.reason = "nan", "val_bpb is not finite"
     elif result.printed_val_bpb is not None and not (abs(result.printed_val_bpb - result.metrics["val_bpb"]) <= 1e-5):
         result.status = "tampered"
         result.reason = f"printed val_bpb {result.printed_val_bpb} but evaluate_bpb measured {result.metrics['val_bpb']:.6f}"
+
+
+_METRIC_KEYS = {"val_bpb", "val_loss", "eval_tokens", "eval_bytes", "seq_len", "data_fingerprint", "eval_seconds"}
+
+
+def _metrics_problem(metrics: dict, settings: RunSettings) -> str | None:
+    """What evaluate_bpb always writes, checked against what this run asked for."""
+    missing = _METRIC_KEYS - set(metrics)
+    if missing:
+        return f"missing {', '.join(sorted(missing))}"
+    if metrics["seq_len"] != settings.seq_len:
+        return f"seq_len {metrics['seq_len']}, the run asked for {settings.seq_len}"
+    if not 0 < metrics["eval_tokens"] <= settings.eval_tokens:
+        return f"eval_tokens {metrics['eval_tokens']} outside (0, {settings.eval_tokens}]"
+    if metrics["data_fingerprint"] != prepare.read_meta(settings.data_dir)["fingerprint"]:
+        return "data fingerprint does not match the data directory"
+    if settings.heldout != ("heldout_bpb" in metrics):
+        return "held-out score present when not asked for, or missing when asked for"
+    return None
 
 
 def _finish(run_dir: Path, result: RunResult) -> RunResult:

@@ -1,7 +1,7 @@
 """A cheap stand-in variant for engine tests: no training, a score that depends on its constants.
 
 It predicts the unigram distribution of the train split, sharpened or flattened by QUALITY
-(1.0 is best), so perturbing QUALITY moves val_bpb. LEDGER, if set, records each run's start
+(1.0 is best), so perturbing QUALITY moves val_bpb; NOISE adds seed noise. LEDGER, if set, records each run's start
 and end so tests can prove no evaluation ran twice.
 """
 import os
@@ -13,6 +13,7 @@ import torch
 import prepare
 
 QUALITY = 0.5
+NOISE = 0.0  # seed-dependent jitter of QUALITY, so re-runs with new seeds differ like real ones
 SLEEP = 0.2
 LEDGER = ""
 
@@ -29,7 +30,8 @@ log_freq = torch.tensor(np.log(counts + 1.0), dtype=torch.float32)
 class Unigram(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.w = torch.nn.Parameter(log_freq * QUALITY)
+        jitter = NOISE * torch.randn(()).item()  # prepare seeded torch from EVO_SEED
+        self.w = torch.nn.Parameter(log_freq * (QUALITY + jitter))
 
     def forward(self, idx):
         return self.w.expand(*idx.shape, -1)

@@ -1,0 +1,218 @@
+"""The guard: who may become champion, and what its score honestly is.
+
+- Noise floor: the seed is re-run k times with new seeds; their spread is sigma.
+- Candidates: a variant whose first val_bpb beats the champion's mean by more than
+  max(min_delta, z * sigma) is re-run n times with new seeds, held-out split scored.
+- Promotion: a one-sided Welch test of its re-runs against the champion's gives p < alpha, the
+  mean gain is at least min_delta, and its held-out mean beats the champion's held-out mean.
+- Reported scores are re-run means; the first (selected, so lucky) draw is shown as a gap.
+
+Every guard run is a job for the same workers as the children, checkpointed in the engine state.
+Held-out numbers live only here: never in an individual's metrics, selection, or a prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from evo.stats import mean_std, welch_less
+
+NOISE, RERUN, TRANSFER = "noise", "rerun", "transfer"
+
+
+@dataclass
+class Job:
+    individual: str
+    seed: int
+    kind: str  # noise (the seed's floor), rerun (a candidate), transfer (larger budget)
+    budget_multiplier: float = 1.0
+    token: str = ""  # run token while it runs: resume kills leftovers by it
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-{self.seed}"
+
+
+@dataclass
+class Sample:
+    seed: int
+    status: str
+    val_bpb: float | None = None
+    heldout_bpb: float | None = None
+
+
+@dataclass
+class Record:
+    """Everything the guard knows about one individual's re-runs and verdict."""
+
+    id: str
+    first_val: float | None
+    samples: list[Sample] = field(default_factory=list)
+    transfer: list[Sample] = field(default_factory=list)
+    expected: int = 0
+    verdict: str = ""  # "", "champion", "promoted", "not significant", "held-out disagrees", ...
+    p_value: float | None = None
+
+    def ok(self, which: str = "samples") -> list[Sample]:
+        return [s for s in getattr(self, which) if s.status == "ok" and s.val_bpb is not None and s.heldout_bpb is not None]
+
+    def stats(self) -> dict | None:
+        ok = self.ok()
+        if not ok:
+            return None
+        val_mean, val_std = mean_std([s.val_bpb for s in ok])
+        held_mean, held_std = mean_std([s.heldout_bpb for s in ok])
+        return {"val_mean": val_mean, "val_std": val_std, "held_mean": held_mean, "held_std": held_std,
+                "n": len(ok), "p_value": self.p_value, "first_val": self.first_val,
+                "first_draw_gap": None if self.first_val is None else self.first_val - val_mean}
+
+
+class Guard:
+    def __init__(self, settings, log=print):
+        self.s = settings
+        self.log = log
+        self.records: dict[str, Record] = {}
+        self.queue: list[Job] = []
+        self.champions: list[str] = []  # ids, oldest first; the last is the champion
+        self.next_seed = 1000  # re-run seeds never collide with the evaluation seed
+        self.deferred: list[tuple[str, float]] = []  # candidates seen before the floor was known
+
+    # ---- state ----
+    def to_state(self, running: list[Job]) -> dict:
+        return {
+            "records": {k: asdict(r) for k, r in self.records.items()},
+            "queue": [asdict(j) for j in running + self.queue],  # in flight goes back to the queue
+            "champions": self.champions, "next_seed": self.next_seed, "deferred": self.deferred,
+        }
+
+    def restore(self, state: dict) -> None:
+        self.records = {}
+        for key, r in state["records"].items():
+            r = dict(r)
+            r["samples"] = [Sample(**s) for s in r["samples"]]
+            r["transfer"] = [Sample(**s) for s in r["transfer"]]
+            self.records[key] = Record(**r)
+        self.queue = [Job(**j) for j in state["queue"]]
+        self.champions = state["champions"]
+        self.next_seed = state["next_seed"]
+        self.deferred = [tuple(d) for d in state["deferred"]]
+
+    # ---- decisions ----
+    @property
+    def champion(self) -> Record | None:
+        return self.records[self.champions[-1]] if self.champions else None
+
+    def sigma(self) -> float | None:
+        seed = self.records.get(self.champions[0]) if self.champions else None
+        stats = seed.stats() if seed and len(seed.ok()) >= 2 else None
+        return stats["val_std"] if stats else None
+
+    def _seed_jobs(self, individual_id: str, kind: str, count: int, multiplier: float = 1.0) -> None:
+        for _ in range(count):
+            self.queue.append(Job(individual_id, self.next_seed, kind, multiplier))
+            self.next_seed += 1
+
+    def start(self, seed_id: str, first_val: float | None) -> None:
+        """The seed is the first champion; its k noise runs measure sigma."""
+        if not self.s.enabled or seed_id in self.records:
+            return
+        self.records[seed_id] = Record(seed_id, first_val, expected=self.s.noise_runs, verdict="champion")
+        self.champions.append(seed_id)
+        self._seed_jobs(seed_id, NOISE, self.s.noise_runs)
+
+    def consider(self, individual_id: str, val_bpb: float) -> bool:
+        """Queue re-runs for a variant that beats the champion by more than the noise allows."""
+        if not self.s.enabled or individual_id in self.records or self.champion is None:
+            return False
+        champion, sigma = self.champion.stats(), self.sigma()
+        if champion is None or sigma is None or len(self.champion.samples) < self.champion.expected:
+            self.deferred.append((individual_id, val_bpb))  # decided once the floor is measured
+            return False
+        margin = max(self.s.min_delta, self.s.z * sigma)
+        if val_bpb >= champion["val_mean"] - margin:
+            return False
+        self.records[individual_id] = Record(individual_id, val_bpb, expected=self.s.reruns)
+        self._seed_jobs(individual_id, RERUN, self.s.reruns)
+        self.log(f"guard: {individual_id} ({val_bpb:.4f}) beats champion {self.champion.id} "
+                 f"({champion['val_mean']:.4f}) by more than {margin:.4f}; {self.s.reruns} re-runs queued")
+        return True
+
+    def take(self) -> Job | None:
+        return self.queue.pop(0) if self.queue else None
+
+    def has_work(self, running: int) -> bool:
+        return bool(self.queue) or running > 0
+
+    def record(self, job: Job, status: str, metrics: dict) -> list[tuple[str, float]]:
+        """Store one guard run's outcome; returns deferred candidates now ready to consider."""
+        record = self.records[job.individual]
+        sample = Sample(job.seed, status, metrics.get("val_bpb") if status == "ok" else None,
+                        metrics.get("heldout_bpb") if status == "ok" else None)
+        if job.kind == TRANSFER:
+            record.transfer.append(sample)
+            return []
+        record.samples.append(sample)
+        if len(record.samples) < record.expected:
+            return []
+        if job.kind == NOISE:
+            ready, self.deferred = self.deferred, []
+            return ready
+        self._decide(record)
+        return []
+
+    def _decide(self, candidate: Record) -> None:
+        champion = self.champion
+        ok, champion_ok = candidate.ok(), champion.ok()
+        if len(ok) < 2 or len(champion_ok) < 2:
+            candidate.verdict = f"re-runs failed ({len(ok)} of {len(candidate.samples)} ok)"
+            self.log(f"guard: {candidate.id} not promoted: {candidate.verdict}")
+            return
+        cand, champ = candidate.stats(), champion.stats()
+        candidate.p_value = welch_less([s.val_bpb for s in ok], [s.val_bpb for s in champion_ok])
+        cand["p_value"] = candidate.p_value
+        if candidate.p_value >= self.s.alpha:
+            candidate.verdict = "not significant"
+        elif champ["val_mean"] - cand["val_mean"] < self.s.min_delta:
+            candidate.verdict = "gain below min_delta"
+        elif cand["held_mean"] >= champ["held_mean"]:
+            candidate.verdict = "held-out disagrees"
+        else:
+            candidate.verdict = "promoted"
+            previous = champion.id
+            self.champions.append(candidate.id)
+            if self.s.transfer_multiplier:
+                for who in (candidate.id, previous):
+                    self._seed_jobs(who, TRANSFER, self.s.transfer_runs, self.s.transfer_multiplier)
+        # The log says what happened, never a held-out number (logs may reach an LLM).
+        self.log(f"guard: {candidate.id} {candidate.verdict} (re-run mean {cand['val_mean']:.4f} vs "
+                 f"{champ['val_mean']:.4f}, p={candidate.p_value:.3g})")
+
+    # ---- reading ----
+    def overfitting_alarm(self) -> str | None:
+        """Val keeps improving over successive champions while held-out does not."""
+        window = self.champions[-self.s.alarm_window:]
+        if len(window) < self.s.alarm_window or len(window) < 2:
+            return None
+        first, last = self.records[window[0]].stats(), self.records[window[-1]].stats()
+        if not first or not last:
+            return None
+        val_gain = first["val_mean"] - last["val_mean"]
+        held_gain = first["held_mean"] - last["held_mean"]
+        if val_gain > 0 and held_gain < 0.25 * val_gain:
+            return (f"overfitting alarm: over the last {len(window)} champions val_bpb improved by {val_gain:.4f} "
+                    f"but held-out only by {held_gain:.4f}. The search may be fitting the validation split; "
+                    "treat recent gains with suspicion.")
+        return None
+
+    def transfer_summary(self) -> list[str]:
+        lines = []
+        for i in range(1, len(self.champions)):
+            new, old = self.records[self.champions[i]], self.records[self.champions[i - 1]]
+            a, b = new.ok("transfer"), old.ok("transfer")
+            if a and b:
+                new_mean = sum(s.val_bpb for s in a) / len(a)
+                old_mean = sum(s.val_bpb for s in b) / len(b)
+                held = "held" if new_mean < old_mean else "did NOT hold"
+                lines.append(f"scale transfer x{self.s.transfer_multiplier:g}: {new.id} vs {old.id}: "
+                             f"{new_mean:.4f} vs {old_mean:.4f}, the gain {held}")
+        return lines

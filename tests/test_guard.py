@@ -1,0 +1,172 @@
+"""The guard: noise floor, champion gate, honest numbers, held-out isolation, tamper resistance."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from evo.config import GuardSection, load_config
+from evo.guard import NOISE, RERUN, Guard, Job
+from evo.report import export, status_text
+from evo.runs import start_run
+from evo.stats import t_cdf, welch_less
+from evo.store import RunStore
+from tests.llm_server import ScriptedServer
+from tests.test_engine import setup_run  # noqa: F401  (the fixture)
+from trainer.runner import RunSettings, run_variant
+
+
+def test_welch_matches_reference_values():
+    # References computed with scipy.stats.ttest_ind(a, b, equal_var=False, alternative="less").
+    assert welch_less([1.0, 2.0, 3.0], [2.0, 3.0, 5.0, 6.0]) == pytest.approx(0.063227, abs=1e-6)
+    assert welch_less([2.9, 3.1, 3.0], [3.05, 3.2, 3.1, 3.15]) == pytest.approx(0.074236, abs=1e-6)
+    assert welch_less([5.0, 6.0], [1.0, 2.0]) == pytest.approx(0.985071, abs=1e-6)
+    assert t_cdf(1.5, 3) == pytest.approx(0.884708, abs=1e-6)
+    assert t_cdf(-2.2, 7.3) == pytest.approx(0.0310846, abs=1e-6)
+
+
+def feed(guard: Guard, values: dict[str, list[tuple[float, float]]]):
+    """Complete every queued job for the given individuals with (val, held-out) pairs."""
+    while guard.queue:
+        job = guard.take()
+        val, held = values[job.individual].pop(0)
+        for candidate, value in guard.record(job, "ok", {"val_bpb": val, "heldout_bpb": held}):
+            guard.consider(candidate, value)
+
+
+def test_a_real_gain_is_promoted_and_reported_as_the_rerun_mean():
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0, min_delta=0.001), log=lambda line: None)
+    guard.start("seed", 3.00)
+    assert guard.consider("early", 2.5) is False  # the floor is not measured yet: deferred
+    feed(guard, {"seed": [(3.00, 3.10), (3.02, 3.12), (2.98, 3.08)], "early": [(2.80, 2.90)] * 3})
+    assert guard.records["early"].verdict == "promoted" and guard.champions == ["seed", "early"]
+    stats = guard.champion.stats()
+    assert stats["val_mean"] == pytest.approx(2.80) and stats["first_val"] == 2.5
+    assert stats["first_draw_gap"] == pytest.approx(-0.30)  # the first draw was the lucky one
+    assert stats["p_value"] < 0.05
+
+
+def test_noise_sized_gains_are_not_even_candidates_and_held_out_can_veto():
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0), log=lambda line: None)
+    guard.start("seed", 3.0)
+    feed(guard, {"seed": [(3.0, 3.1), (3.1, 3.2), (2.9, 3.0)]})  # sigma = 0.1
+    assert guard.consider("tiny", 2.85) is False  # within 2 sigma of the champion's mean
+    assert guard.consider("noisy", 2.7) is True
+    feed(guard, {"noisy": [(2.7, 3.3), (2.8, 3.4), (2.75, 3.35)]})  # better val, worse held-out
+    assert guard.records["noisy"].verdict == "held-out disagrees"
+    assert guard.consider("lucky", 2.7) is True
+    feed(guard, {"lucky": [(3.1, 3.0), (2.9, 2.9), (3.05, 3.0)]})
+    assert guard.records["lucky"].verdict == "not significant"
+    assert guard.champions == ["seed"]
+
+
+def test_overfitting_alarm_when_val_improves_but_held_out_does_not():
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, alarm_window=3), log=lambda line: None)
+    guard.start("c0", 3.0)
+    feed(guard, {"c0": [(3.00, 3.00), (3.01, 3.01)]})
+    for name, val, held in (("c1", 2.90, 2.995), ("c2", 2.80, 2.990)):
+        guard.consider(name, val - 0.01)
+        feed(guard, {name: [(val, held), (val + 0.001, held + 0.001)]})
+    assert guard.champions == ["c0", "c1", "c2"]
+    alarm = guard.overfitting_alarm()
+    assert alarm and "val_bpb improved by 0.2" in alarm and "held-out only by 0.01" in alarm
+
+
+def test_guard_state_roundtrip_puts_running_jobs_back_in_the_queue():
+    guard = Guard(GuardSection(), log=lambda line: None)
+    guard.start("seed", 3.0)
+    running = guard.take()
+    state = json.loads(json.dumps(guard.to_state([running])))
+    restored = Guard(GuardSection(), log=lambda line: None)
+    restored.restore(state)
+    assert [j.seed for j in restored.queue] == [1000, 1001, 1002] and restored.champions == ["seed"]
+
+
+def test_a_run_with_the_guard_promotes_a_real_gain_with_honest_numbers(setup_run, tmp_path):
+    config_path, run_dir, ledger = setup_run(
+        max_evaluations=6, guard={"enabled": True, "noise_runs": 3, "reruns": 3, "z": 2.0, "min_delta": 0.001},
+        mutators={"perturb": {"max_changes": 1}})
+    # QUALITY is the only constant that matters; jitter gives the seed runs a real spread.
+    seed_path = tmp_path / "seed.py"
+    seed_path.write_text(seed_path.read_text().replace("NOISE = 0.0", "NOISE = 0.01").replace("SLEEP = 0.2", "SLEEP = 0.2  # evo: fixed"))
+    engine = start_run(load_config(config_path), config_path, log=lambda line: None)
+    engine.run()
+    individuals, state = RunStore(run_dir).load()
+    guard = state["guard"]
+    assert len(guard["records"]["v00001"]["samples"]) == 3  # the noise floor
+    assert state["counters"]["guard_runs"] == 3 + 3 * (len(guard["records"]) - 1)
+    assert guard["queue"] == []  # the run ended with every verdict given
+    text = status_text(run_dir)
+    assert "noise floor: sigma" in text and "held-out" in text
+    champion = guard["champions"][-1]
+    out = export(run_dir, tmp_path / "out")
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["id"] == champion and meta["guard"]["n"] == 3
+    assert meta["val_bpb"] == pytest.approx(meta["guard"]["val_mean"])
+    if champion != "v00001":
+        assert meta["guard"]["p_value"] < 0.05
+        assert "±" in text and "first draw" in text
+    # Held-out numbers stay in the guard's records: never in an individual's metrics.
+    assert all("heldout_bpb" not in json.loads(i.metrics) for i in individuals)
+
+
+def test_no_prompt_ever_sees_a_guard_score(setup_run, tmp_path):
+    edits = [("reply", f"HYPOTHESIS: quality {q}\n<<<<<<< SEARCH\nSLEEP = 0.2\n=======\nSLEEP = 0.2\nQUALITY = {q}\n>>>>>>> REPLACE\n")
+             for q in (0.9, 0.95, 0.6, 0.7, 0.8)]
+    with ScriptedServer(edits, default=("reply", "nothing")) as server:
+        config_path, run_dir, _ = setup_run(
+            max_evaluations=5, operators={"llm": 1.0},
+            guard={"enabled": True, "noise_runs": 2, "reruns": 2, "z": 0.0, "min_delta": 0.0},
+            mutators={"llm": {"base_url": server.base_url, "retries": 0, "timeout": 5, "failures": 5, "ideas": 50, "relatives": 5}})
+        seed_path = tmp_path / "seed.py"
+        seed_path.write_text(seed_path.read_text().replace("NOISE = 0.0", "NOISE = 0.01"))
+        start_run(load_config(config_path), config_path, log=lambda line: None).run()
+        prompts = "\n".join(server.prompts())
+    _, state = RunStore(run_dir).load()
+    held = [s["heldout_bpb"] for r in state["guard"]["records"].values() for s in r["samples"] if s["heldout_bpb"]]
+    assert len(held) >= 4 and len(server.requests) >= 4
+    for value in held:
+        for text in (repr(value), f"{value:.6f}", f"{value:.4f}", f"{value:.3f}"):
+            assert text not in prompts
+    assert "heldout.bin" not in prompts and "heldout_bpb" not in prompts  # no path, no metric name
+    assert "val_bpb" in prompts  # validation numbers do go in
+
+
+TAMPER = {
+    "prints a fake val_bpb": "prepare.evaluate_bpb(model, tok, 8)\nprint('val_bpb: 0.5')\n",
+    "writes the metrics file itself": (
+        "import json, os\nname = 'EVO_' + 'METRICS_' + 'PATH'\n"
+        "json.dump({'val_bpb': 0.5}, open(os.environ[name], 'w'))\nprint('val_bpb: 0.500000')\n"),
+    "forges a complete metrics file": (
+        "import json, os\nname = 'EVO_' + 'METRICS_' + 'PATH'\n"
+        "json.dump({'val_bpb': 0.5, 'val_loss': 1.0, 'eval_tokens': 512, 'eval_bytes': 2000, 'seq_len': 32,"
+        " 'data_fingerprint': 'x', 'eval_seconds': 1.0}, open(os.environ[name], 'w'))\n"),
+    "makes attention non-causal": (
+        "class Peek(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.t = torch.nn.Embedding(tok.vocab_size, tok.vocab_size)\n"
+        "    def forward(self, idx):\n        return self.t(torch.roll(idx, -1, dims=1))\n"
+        "prepare.evaluate_bpb(Peek(), tok, 8)\n"),
+    "reads the held-out split": "import numpy as np\nnp.fromfile(prepare.DATA_DIR + '/heldout.bin', dtype=np.uint16)\n",
+    "monkeypatches prepare": "prepare.evaluate_bpb = lambda *a: 0.5\nprint(prepare.evaluate_bpb(model, tok, 8))\n",
+    "monkeypatches through vars()": (
+        "vars(prepare)['_bpb_of_rows'] = lambda *a: (0.5, 0.3, 100, 100)\nprepare.evaluate_bpb(model, tok, 8)\n"),
+    "patches torch's loss": (
+        "import torch.nn.functional as F\nF.cross_entropy = lambda *a, **k: torch.zeros(1)\n"
+        "prepare.evaluate_bpb(model, tok, 8)\n"),
+}
+
+BASE = """
+import torch, prepare
+tok = prepare.get_tokenizer()
+model = torch.nn.Sequential(torch.nn.Embedding(tok.vocab_size, tok.vocab_size))
+"""
+
+
+@pytest.mark.parametrize("cheat", sorted(TAMPER))
+def test_tampering_is_caught_and_marked(small_data, cheat):
+    settings = RunSettings(time_budget=1, data_dir=str(small_data), seq_len=32, eval_tokens=512)
+    result = run_variant(BASE + TAMPER[cheat], settings)
+    assert result.status == "tampered", (cheat, result.status, result.reason, result.log_tail)
+    assert result.val_bpb is None and result.reason
