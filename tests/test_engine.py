@@ -132,6 +132,18 @@ def _wait_for_evaluations(run_dir: Path, n: int, timeout: float = 120) -> None:
     raise AssertionError(f"fewer than {n} evaluations after {timeout}s")
 
 
+def _wait_inside_a_run(ledger: Path, timeout: float = 60) -> None:
+    """One worker: the ledger's last line is a start exactly while a variant runs past its daemon."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        lines = ledger.read_text().splitlines() if ledger.exists() else []
+        if lines and lines[-1].startswith("start"):
+            time.sleep(0.2)
+            return
+        time.sleep(0.05)
+    raise AssertionError("no variant started running")
+
+
 def _evo(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "evo.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -142,12 +154,14 @@ def test_kill_9_at_several_points_loses_nothing_and_runs_nothing_twice(setup_run
     # The seed forks a daemon that leaves the process group: only resume's sweep can find it.
     daemon = ("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],"
               " start_new_session=True)\n")
-    config_path, run_dir, ledger = setup_run(max_evaluations=9, sleep=1.0, before_sleep=daemon)
+    # The guard is on, so noise-floor and candidate re-runs are in flight at some kills too.
+    config_path, run_dir, ledger = setup_run(max_evaluations=9, sleep=1.0, before_sleep=daemon,
+                                             guard={"enabled": True, "noise_runs": 2, "reruns": 2})
     engine = _evo("run", str(config_path))
     seen_leftovers = []
     for kill_after in (2, 4, 6):
         _wait_for_evaluations(run_dir, kill_after)
-        time.sleep(0.5)  # inside the next evaluation
+        _wait_inside_a_run(ledger)  # a variant has started its daemon and is sleeping
         engine.send_signal(signal.SIGKILL)
         engine.wait()
         time.sleep(0.3)
@@ -166,8 +180,11 @@ def test_kill_9_at_several_points_loses_nothing_and_runs_nothing_twice(setup_run
     assert state["counters"]["evaluations"] == 9 and len(individuals) == 9
     assert all(i.status == "ok" for i in individuals)
     starts, ends = ledger_counts(ledger)
-    assert set(ends) == {i.id for i in individuals}
+    assert {k for k in ends if k.startswith("v")} == {i.id for i in individuals}
+    guard_runs = {k for k in ends if not k.startswith("v")}  # e.g. noise-1000, rerun-1003
+    assert len(guard_runs) == state["counters"]["guard_runs"] >= 2
     assert set(ends.values()) == {1}, f"an evaluation finished twice: {ends}"
+    assert state["guard"]["queue"] == []
     assert not run_processes()
 
 
