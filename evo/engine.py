@@ -8,14 +8,12 @@ decision, so a crash loses at most the runs in flight, and resume re-queues exac
 from __future__ import annotations
 
 import json
-import os
 import random
 import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import prepare

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 import prepare
+
+STANDIN = Path(__file__).resolve().parent / "variants" / "standin.py"
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +43,33 @@ def use_data(monkeypatch, tmp_path):
         return metrics_path
 
     return point
+
+
+@pytest.fixture
+def setup_run(tmp_path, small_data):
+    """Writes a stand-in seed (with a ledger) and a config for it; returns the config path."""
+
+    def make(max_evaluations=6, workers=1, sleep=0.2, extra_code="", before_sleep="", **sections):
+        ledger = tmp_path / "ledger.txt"
+        code = STANDIN.read_text().replace('LEDGER = ""', f"LEDGER = {str(ledger)!r}")
+        code = code.replace("SLEEP = 0.2", f"SLEEP = {sleep}") + extra_code
+        code = code.replace("\ntime.sleep(SLEEP)", "\n" + before_sleep + "time.sleep(SLEEP)")
+        seed = tmp_path / "seed.py"
+        seed.write_text(code)
+        config = {
+            "run": {"name": "r", "dir": str(tmp_path / "runs")},
+            "seed_file": str(seed),
+            "data": {"dir": str(small_data), "seq_len": 32, "eval_tokens": 512},
+            "budget": {"seconds": 1, "startup_grace": 30, "eval_grace": 30},
+            "population": {"size": 4, "islands": 2, "migration_interval": 3},
+            "stopping": {"max_evaluations": max_evaluations},
+            "workers": {"count": workers, "device": "cpu", "threads_per_worker": 1},
+        }
+        config["guard"] = {"enabled": False}  # the guard's own tests switch it on
+        for key, value in sections.items():
+            config.setdefault(key, {}).update(value)
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path, tmp_path / "runs" / "r", ledger
+
+    return make

@@ -4,7 +4,6 @@ real kill -9 and Ctrl-C, real resume."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,61 +17,7 @@ from evo.config import load_config
 from evo.report import export, status_text
 from evo.runs import resume_run, start_run
 from evo.store import RunStore, StoreError
-
-STANDIN = Path(__file__).resolve().parent / "variants" / "standin.py"
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
-
-
-def run_processes() -> list[int]:
-    """Every live process that belongs to some evaluation (carries a run token)."""
-    found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            if b"EVO_RUN_TOKEN=" in Path(f"/proc/{pid}/environ").read_bytes() and alive(int(pid)):
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-@pytest.fixture
-def setup_run(tmp_path, small_data):
-    """Writes a stand-in seed (with a ledger) and a config for it; returns the config path."""
-
-    def make(max_evaluations=6, workers=1, sleep=0.2, extra_code="", before_sleep="", **sections):
-        ledger = tmp_path / "ledger.txt"
-        code = STANDIN.read_text().replace('LEDGER = ""', f"LEDGER = {str(ledger)!r}")
-        code = code.replace("SLEEP = 0.2", f"SLEEP = {sleep}") + extra_code
-        code = code.replace("\ntime.sleep(SLEEP)", "\n" + before_sleep + "time.sleep(SLEEP)")
-        seed = tmp_path / "seed.py"
-        seed.write_text(code)
-        config = {
-            "run": {"name": "r", "dir": str(tmp_path / "runs")},
-            "seed_file": str(seed),
-            "data": {"dir": str(small_data), "seq_len": 32, "eval_tokens": 512},
-            "budget": {"seconds": 1, "startup_grace": 30, "eval_grace": 30},
-            "population": {"size": 4, "islands": 2, "migration_interval": 3},
-            "stopping": {"max_evaluations": max_evaluations},
-            "workers": {"count": workers, "device": "cpu", "threads_per_worker": 1},
-        }
-        config["guard"] = {"enabled": False}  # the guard's own tests switch it on
-        for key, value in sections.items():
-            config.setdefault(key, {}).update(value)
-        path = tmp_path / "config.yaml"
-        import yaml
-
-        path.write_text(yaml.safe_dump(config))
-        return path, tmp_path / "runs" / "r", ledger
-
-    return make
-
+from tests.procs import alive, run_processes
 
 def ledger_counts(ledger: Path) -> tuple[Counter, Counter]:
     lines = ledger.read_text().split() if ledger.exists() else []

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from evo.config import GuardSection, load_config
-from evo.guard import NOISE, RERUN, Guard, Job
+from evo.guard import Guard
 from evo.report import export, status_text
 from evo.runs import start_run
 from evo.stats import t_cdf, welch_less
 from evo.store import RunStore
 from tests.llm_server import ScriptedServer
-from tests.test_engine import setup_run  # noqa: F401  (the fixture)
 from trainer.runner import RunSettings, run_variant
 
 

@@ -1,6 +1,5 @@
 """Population bookkeeping and the Parquet checkpoint."""
 
-import json
 import random
 
 import pyarrow.parquet as pq

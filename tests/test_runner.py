@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import alive, run_processes
 from trainer import processes
 from trainer.runner import PrepareChanged, RunSettings, run_variant
 
@@ -32,14 +33,6 @@ def settings(data_dir, **overrides) -> RunSettings:
     base = dict(time_budget=1.0, data_dir=str(data_dir), seq_len=32, eval_tokens=1024,
                 startup_grace=30.0, eval_grace=30.0)
     return RunSettings(**{**base, **overrides})
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def test_ok_run_records_metrics_log_and_files(small_data, tmp_path):
@@ -139,17 +132,6 @@ def _grandchildren(pid_file: Path) -> list[int]:
     return sorted(kids)
 
 
-def _processes_of_any_run() -> list[int]:
-    found = []
-    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
-        try:
-            if b"EVO_RUN_TOKEN=" in Path(f"/proc/{pid}/environ").read_bytes() and alive(int(pid)):
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
 def test_timeout_kills_the_whole_family(small_data, tmp_path):
     pid_file = tmp_path / "pids"
     code = FORKER.replace("PIDS", repr(str(pid_file))).replace("WAIT", "1000")
@@ -170,7 +152,7 @@ def test_timeout_kills_the_whole_family(small_data, tmp_path):
     assert result.status == "timeout" and "still running after 3s" in result.reason
     time.sleep(0.2)
     assert not any(alive(p) for p in family)
-    assert not _processes_of_any_run()
+    assert not run_processes()
 
 
 def test_leftovers_die_even_when_the_variant_exits_cleanly(small_data, tmp_path):
@@ -181,7 +163,7 @@ def test_leftovers_die_even_when_the_variant_exits_cleanly(small_data, tmp_path)
     _, daemon = map(int, pid_file.read_text().split())
     time.sleep(0.2)
     assert not alive(daemon)
-    assert not _processes_of_any_run()
+    assert not run_processes()
 
 
 def test_memory_limit_gives_oom(small_data):

@@ -10,7 +10,6 @@ Settings arrive by environment (EVO_TIME_BUDGET, EVO_SEED, EVO_DEVICE, ...) thro
 """
 
 import math
-import os
 import resource
 import sys
 import time

@@ -9,7 +9,6 @@ Settings arrive by environment (EVO_TIME_BUDGET, EVO_SEED, EVO_DEVICE, ...) thro
 """
 
 import math
-import os
 import sys
 import time
 

@@ -1,0 +1,27 @@
+"""Helpers for tests that check which processes are still alive."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
+
+
+def run_processes() -> list[int]:
+    """Every live process that belongs to some evaluation (carries a run token)."""
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            if b"EVO_RUN_TOKEN=" in Path(f"/proc/{pid}/environ").read_bytes() and alive(int(pid)):
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
