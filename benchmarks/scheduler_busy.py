@@ -63,6 +63,8 @@ def main() -> None:
                 "stopping": {"max_evaluations": w * args.per_worker},
                 "workers": {"count": w, "device": "cpu", "threads_per_worker": 1},
                 "population": {"size": 64, "islands": 1},
+                # Guard re-runs are not individuals, so their time would read as idle here.
+                "guard": {"enabled": False},
             })
             engine = start_run(config, None, log=lambda line: None)
             engine.run()
