@@ -55,9 +55,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         seed = Path(tmp) / "standin.py"
         seed.write_text(STANDIN)
-        for w in args.workers:
+        for index, w in enumerate(args.workers):
             config = Config.model_validate({
-                "run": {"name": f"w{w}", "dir": tmp}, "seed_file": str(seed),
+                "run": {"name": f"w{w}-{index}", "dir": tmp}, "seed_file": str(seed),
                 "data": {"dir": args.data_dir, "seq_len": 32, "eval_tokens": 256},
                 "budget": {"seconds": 1, "startup_grace": 120},
                 "stopping": {"max_evaluations": w * args.per_worker},
