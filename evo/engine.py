@@ -274,14 +274,13 @@ class Engine:
                 return result
         return run_variant(individual.code, self.run_settings(slot), run_dir, individual.run_token, self.cancel)
 
-    def record(self, individual: Individual, result: RunResult, slot: WorkerSlot) -> None:
+    def record(self, individual: Individual, result: RunResult) -> None:
         individual.status = result.status
         individual.reason = result.reason
         individual.metrics = json.dumps(result.metrics)
         individual.val_bpb = result.val_bpb
         individual.wall_seconds = result.wall_seconds
         individual.peak_memory_mb = result.peak_memory_mb
-        individual.device = slot.label
         individual.finished_at = time.time()
         individual.run_token = ""
         c = self.counters
@@ -320,7 +319,7 @@ class Engine:
             path = self.store.variant_dir(individual.id) / "result.json"
             if path.is_file():
                 data = json.loads(path.read_text())
-                self.record(individual, RunResult(**data), _slot_from_label(individual.device))
+                self.record(individual, RunResult(**data))
                 adopted += 1
         for job in list(self.guard.queue):
             path = self.store.variant_dir(job.individual) / job.key / "result.json"
@@ -365,7 +364,7 @@ class Engine:
                 return True
             individual, result = outcome
             self._running.discard(individual.id)
-            self.record(individual, result, slot)
+            self.record(individual, result)
             self.checkpoint()
         self._report(individual)
         return True
@@ -442,10 +441,6 @@ class Engine:
             f"workers busy {busy}/{len(self.slots)}  {clock(self.elapsed_seconds())}"
             + (f"  | {individual.hypothesis}" if individual.hypothesis else "")
         )
-
-
-def _slot_from_label(label: str) -> WorkerSlot:
-    return WorkerSlot(label=label or "cpu", device="cpu", gpu=None, threads=None)
 
 
 def _rng_to_json(state) -> list:
