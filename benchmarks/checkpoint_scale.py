@@ -3,7 +3,12 @@
     python benchmarks/checkpoint_scale.py [--sizes 100 1000 10000] [--code-kb 20]
 
 Each individual carries about 20 KB of code: the CPU seed padded with a comment block, with
-its constants perturbed, so the codes are as alike (and as compressible) as real variants.
+its constants perturbed, so the codes are as alike as real variants. The code is written to
+variants/<id>/train.py as the engine does at birth; the checkpoint holds the records.
+
+Memory is measured in a fresh process that resumes the checkpoint and then does what the
+engine does with code for 2,000 breeding rounds: a tournament parent per island plus a random
+other individual (a relative for an LLM prompt, a guard re-run), each read through the store.
 """
 
 from __future__ import annotations
@@ -35,25 +40,42 @@ def rss_mb() -> float:
 
 
 RESUME_MEMORY = """
-import sys
+import random, sys, tempfile
 from benchmarks.checkpoint_scale import rss_mb
+from evo.population import Population
 from evo.store import RunStore
 import evo.engine  # what a resuming engine imports (torch included), before the population
+with tempfile.TemporaryDirectory() as empty:  # pyarrow's first read sets up pools: not the population's
+    RunStore(empty).save([], {})
+    RunStore(empty).load()
 before = rss_mb()
-individuals, state = RunStore(sys.argv[1]).load()
-print(f"{rss_mb() - before:.0f}")
+store = RunStore(sys.argv[1])
+individuals, state = store.load()
+population = Population(islands=4, size=16)
+for individual in individuals:
+    population.add(individual)
+loaded = rss_mb() - before
+rng = random.Random(0)
+for _ in range(2000):
+    for island in range(4):
+        parent = population.tournament(island, 3, rng)
+        store.code(parent.id, parent.code_hash)
+    other = rng.choice(individuals)
+    store.code(other.id, other.code_hash)
+print(f"{loaded:.0f} {rss_mb() - before:.0f} {store.cached_codes()}")
 """
 
 
-def resume_memory_mb(run_dir: str) -> float:
-    """Memory a fresh engine process gains by loading the checkpoint."""
+def resume_memory_mb(run_dir: str) -> tuple[float, float, int]:
+    """Memory a fresh engine process gains by loading the checkpoint, then after breeding rounds."""
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", RESUME_MEMORY, run_dir], capture_output=True, text=True,
                          check=True, cwd=root)
-    return float(out.stdout.strip())
+    loaded, working, cached = out.stdout.split()
+    return float(loaded), float(working), int(cached)
 
 
-def make_population(n: int, code_kb: int, rng: random.Random) -> list[Individual]:
+def make_population(n: int, code_kb: int, rng: random.Random, store: RunStore) -> list[Individual]:
     padding = "".join(f"# note {i}: {'x' * 60}\n" for i in range(max(0, code_kb * 1024 - len(SEED)) // 72))
     base = SEED + padding
     operator = PerturbConstants()
@@ -61,13 +83,16 @@ def make_population(n: int, code_kb: int, rng: random.Random) -> list[Individual
     for _ in range(min(n, 200) - 1):  # 200 distinct variants, reused: realistic and quick to build
         child = operator.propose([Parent("p", rng.choice(codes), None)], rng)
         codes.append(getattr(child, "code", base))
-    return [
-        Individual(id=f"v{i:05d}", birth=i, island=i % 4, code=codes[i % len(codes)] + f"# {i}\n",
-                   code_hash=normalized_hash(codes[i % len(codes)]), operator="perturb",
-                   parents=[f"v{max(i - 1, 0):05d}"], status="ok", val_bpb=2.0 + rng.random(),
-                   metrics='{"val_bpb": 2.1, "eval_tokens": 32768}', created_at=time.time())
-        for i in range(n)
-    ]
+    hashes = [normalized_hash(code) for code in codes]
+    individuals = []
+    for i in range(n):
+        individual = Individual(
+            id=f"v{i:05d}", birth=i, island=i % 4, code_hash=hashes[i % len(codes)], operator="perturb",
+            parents=[f"v{max(i - 1, 0):05d}"], status="ok", val_bpb=2.0 + rng.random(),
+            metrics='{"val_bpb": 2.1, "eval_tokens": 32768}', created_at=time.time())
+        store.write_code(individual.id, codes[i % len(codes)] + f"# {i}\n")
+        individuals.append(individual)
+    return individuals
 
 
 def main() -> None:
@@ -78,13 +103,14 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(0)
     state = {"counters": {"births": 0}, "rng": list(range(625)), "migrants": [[], [], [], []]}
-    print(f"{'individuals':>11} {'code MB':>8} {'write s':>8} {'resume s':>9} {'file MB':>8} {'resume RSS MB':>14}")
+    print(f"{'individuals':>11} {'code MB':>8} {'write s':>8} {'resume s':>9} {'file MB':>8} "
+          f"{'RSS loaded MB':>14} {'RSS working MB':>15} {'codes cached':>13}")
     for n in args.sizes:
         gc.collect()
-        individuals = make_population(n, args.code_kb, rng)
-        code_mb = sum(len(i.code) for i in individuals) / 2**20
         with tempfile.TemporaryDirectory() as tmp:
             store = RunStore(tmp)
+            individuals = make_population(n, args.code_kb, rng, store)
+            code_mb = sum(f.stat().st_size for f in Path(tmp).glob("variants/*/train.py")) / 2**20
             writes, loads = [], []
             for _ in range(args.repeats):
                 t = time.perf_counter()
@@ -96,11 +122,12 @@ def main() -> None:
                 assert len(loaded) == n
                 del loaded
             size = (Path(tmp) / "population.parquet").stat().st_size / 2**20
-            memory = resume_memory_mb(tmp)
+            loaded, working, cached = resume_memory_mb(tmp)
         print(f"{n:>11,} {code_mb:>8.1f} {statistics.median(writes):>8.2f} {statistics.median(loads):>9.2f} "
-              f"{size:>8.2f} {memory:>14.0f}")
+              f"{size:>8.2f} {loaded:>14.0f} {working:>15.0f} {cached:>13}")
         del individuals
-    print("\nresume RSS: what a fresh engine process gains by loading the checkpoint")
+    print("\nRSS: what a fresh engine process gains by loading the checkpoint (loaded), and after 2,000\n"
+          "breeding rounds that read parents' and others' code through the store (working).")
 
 
 if __name__ == "__main__":

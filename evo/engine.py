@@ -92,6 +92,10 @@ class Engine:
     def checkpoint(self) -> None:
         self.store.save(list(self.population.individuals.values()), self.state())
 
+    def code_of(self, individual_id: str) -> str:
+        """From the store's bounded cache, or from disk checked against the recorded hash (hold the lock)."""
+        return self.store.code(individual_id, self.population.individuals[individual_id].code_hash)
+
     def elapsed_seconds(self) -> float:
         return self.counters.elapsed_seconds + (time.monotonic() - self._session_start)
 
@@ -111,13 +115,16 @@ class Engine:
     # ---- breeding ----
     def _new_individual(self, code: str, operator: str, parents: list[str], island: int,
                         details: dict | None = None, hypothesis: str = "") -> Individual:
+        """A child's record; its code goes to the store, which keeps it on disk for good."""
         self.counters.births += 1
-        return Individual(
-            id=f"v{self.counters.births:05d}", birth=self.counters.births, island=island, code=code,
+        individual = Individual(
+            id=f"v{self.counters.births:05d}", birth=self.counters.births, island=island,
             code_hash=normalized_hash(code), operator=operator, parents=parents,
             details=json.dumps(details or {}), hypothesis=hypothesis, eval_seed=self.config.seed,
             created_at=time.time(),
         )
+        self.store.write_code(individual.id, code)
+        return individual
 
     def _choose_operator(self):
         """A weighted draw among the operators still active (an LLM past its token budget is not)."""
@@ -147,7 +154,7 @@ class Engine:
                     parent = self.population.tournament(island, self.config.population.tournament_size, self.rng)
                     if parent is None:
                         return None
-                    parents.append(Parent(parent.id, parent.code, parent.val_bpb))
+                    parents.append(Parent(parent.id, self.code_of(parent.id), parent.val_bpb))
                 context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
                 op_rng = random.Random(self.rng.getrandbits(64))  # operators never share the engine's RNG
             proposal = operator.propose(parents, op_rng, context) if context is not None else operator.propose(parents, op_rng)
@@ -175,10 +182,8 @@ class Engine:
     def context_for(self, parent_id: str, island: int) -> Context:
         """What an LLM may see besides the parent: validation numbers and log tails, never held-out."""
         llm = self.config.mutators.llm
-        relatives = [
-            Relative(i.id, i.code, i.val_bpb, i.island)
-            for i in self.population.ranked() if i.island != island and i.id != parent_id
-        ][: llm.relatives]
+        others = [i for i in self.population.ranked() if i.island != island and i.id != parent_id][: llm.relatives]
+        relatives = [Relative(i.id, self.code_of(i.id), i.val_bpb, i.island) for i in others]
         finished = [i for i in self.population.individuals.values() if i.status not in (PENDING, "ok")]
         finished.sort(key=lambda i: i.finished_at or 0, reverse=True)
         failures = []
@@ -246,7 +251,8 @@ class Engine:
 
     def _guard_work(self, slot: WorkerSlot, job: Job):
         """A re-run for the guard: new seed, held-out scored, in the variant's own sub-folder."""
-        code = self.population.individuals[job.individual].code
+        with self.lock:  # the store's code cache is shared by the workers
+            code = self.code_of(job.individual)
         settings = self.run_settings(slot, seconds=self.config.budget.seconds * job.budget_multiplier, seed=job.seed)
         settings.heldout = True
         run_dir = self.store.variant_dir(job.individual) / job.key
@@ -264,15 +270,17 @@ class Engine:
 
     def evaluate(self, individual: Individual, slot: WorkerSlot) -> RunResult:
         run_dir = self.store.variant_dir(individual.id)
+        with self.lock:  # the store's code cache is shared by the workers
+            code = self.code_of(individual.id)
         smoke = self.config.cascade.smoke_seconds
         if smoke and individual.operator != "seed":
             settings = self.run_settings(slot, seconds=smoke)
             settings.eval_tokens = min(settings.eval_tokens, 4 * settings.seq_len)
-            result = run_variant(individual.code, settings, run_dir / "smoke", individual.run_token, self.cancel)
+            result = run_variant(code, settings, run_dir / "smoke", individual.run_token, self.cancel)
             if result.status != "ok":
                 result.reason = f"smoke run: {result.reason}"
                 return result
-        return run_variant(individual.code, self.run_settings(slot), run_dir, individual.run_token, self.cancel)
+        return run_variant(code, self.run_settings(slot), run_dir, individual.run_token, self.cancel)
 
     def record(self, individual: Individual, result: RunResult) -> None:
         individual.status = result.status

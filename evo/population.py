@@ -3,6 +3,9 @@
 Each island keeps as members its best `size` evaluated individuals (truncation replacement, so
 the best are never lost: elitism is built in), plus the migrants it received. Parents come from
 a tournament among an island's members; failed variants are never members.
+
+An individual is a small record: its code lives in the run directory (RunStore.code), so a
+population of many thousands costs a few hundred bytes each in memory, not the size of its code.
 """
 
 from __future__ import annotations
@@ -15,13 +18,12 @@ from dataclasses import asdict, dataclass, field, fields
 PENDING = "pending"  # bred and recorded, evaluation not finished (re-queued on resume)
 
 
-@dataclass
+@dataclass(slots=True)  # many thousands of these stay in memory: no per-object dict
 class Individual:
     id: str
     birth: int
     island: int
-    code: str
-    code_hash: str
+    code_hash: str  # of the normalized code; the code itself is in variants/<id>/train.py
     operator: str
     parents: list[str] = field(default_factory=list)
     details: str = "{}"  # JSON from the operator

@@ -117,9 +117,10 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         raise StoreError(f"{store.dir} has no successfully evaluated variant yet; nothing to export")
     out = Path(out_dir) if out_dir else store.dir / "export"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.py").write_text(champion.code)
+    code = store.code(champion.id, champion.code_hash)
+    (out / "train.py").write_text(code)
     seed_code = (store.dir / "seed.py").read_text()
-    diff = difflib.unified_diff(seed_code.splitlines(True), champion.code.splitlines(True), "seed/train.py", f"{champion.id}/train.py")
+    diff = difflib.unified_diff(seed_code.splitlines(True), code.splitlines(True), "seed/train.py", f"{champion.id}/train.py")
     (out / "seed.diff").write_text("".join(diff))
     lineage = [
         {"id": i.id, "operator": i.operator, "val_bpb": i.val_bpb, "hypothesis": i.hypothesis, "status": i.status}

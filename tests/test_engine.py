@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from evo.config import load_config
+from evo.population import normalized_hash
 from evo.report import export, status_text
 from evo.runs import resume_run, start_run
 from evo.store import RunStore, StoreError
@@ -46,7 +47,8 @@ def test_a_run_evaluates_checkpoints_and_exports(setup_run, tmp_path):
     assert "evaluations: 6" in text and "ok 6" in text and "perturb" in text
     out = export(run_dir, tmp_path / "best")
     best = min(individuals, key=lambda i: i.val_bpb)
-    assert (out / "train.py").read_text() == best.code
+    assert (out / "train.py").read_text() == (run_dir / "variants" / best.id / "train.py").read_text()
+    assert normalized_hash((out / "train.py").read_text()) == best.code_hash
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["id"] == best.id and meta["lineage"][-1]["operator"] == "seed"
     assert (out / "seed.diff").read_text().startswith("---") or best.operator == "seed"

@@ -1,7 +1,9 @@
 """Population bookkeeping and the Parquet checkpoint."""
 
+import json
 import random
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -11,7 +13,7 @@ from evo.store import POPULATION, PREVIOUS, RunStore, StoreError
 
 def make(i, island=0, val=None, status="ok", code=None):
     code = code or f"X = {i}\n"
-    return Individual(id=f"v{i:05d}", birth=i, island=island, code=code, code_hash=normalized_hash(code),
+    return Individual(id=f"v{i:05d}", birth=i, island=island, code_hash=normalized_hash(code),
                       operator="perturb", status=status, val_bpb=val)
 
 
@@ -50,8 +52,9 @@ def test_checkpoint_roundtrip_with_state_and_schema(tmp_path):
     loaded, state = store.load()
     assert [i.id for i in loaded] == ["v00001", "v00002"] and loaded[0].val_bpb == 2.0
     assert state == {"counters": {"births": 2}, "rng": [1]}
-    meta = pq.read_schema(tmp_path / POPULATION).metadata
-    assert meta[b"evo_schema"] == b"1"
+    schema = pq.read_schema(tmp_path / POPULATION)
+    assert schema.metadata[b"evo_schema"] == b"2"
+    assert "code" not in schema.names  # code lives in variants/<id>/train.py
     assert pq.ParquetFile(tmp_path / POPULATION).metadata.row_group(0).column(0).compression == "ZSTD"
 
 
@@ -76,3 +79,46 @@ def test_a_second_run_in_the_same_directory_is_refused(tmp_path):
     store.save([], {})
     with pytest.raises(StoreError, match="evo resume"):
         RunStore(tmp_path).create("", "", {})
+
+
+def test_code_lives_on_disk_and_memory_holds_a_bounded_cache(tmp_path):
+    store = RunStore(tmp_path, code_cache_size=8)
+    codes = {f"v{i:05d}": f"X = {i}\n" + "# padding\n" * 50 for i in range(1, 41)}
+    for individual_id, code in codes.items():
+        store.write_code(individual_id, code)
+        assert store.cached_codes() <= 8
+    for individual_id, code in codes.items():  # most come back from disk, each checked
+        assert store.code(individual_id, normalized_hash(code)) == code
+        assert store.cached_codes() <= 8
+    assert (tmp_path / "variants" / "v00017" / "train.py").read_text() == codes["v00017"]
+    fresh = RunStore(tmp_path)  # a resumed engine starts with nothing cached
+    assert fresh.cached_codes() == 0 and fresh.code("v00003") == codes["v00003"]
+
+
+def test_changed_or_missing_code_is_a_clear_error(tmp_path):
+    store = RunStore(tmp_path)
+    store.write_code("v00001", "X = 1\n")
+    store.write_code("v00002", "X = 2\n")
+    (tmp_path / "variants" / "v00001" / "train.py").write_text("X = 99\n")
+    with pytest.raises(StoreError, match="v00001/train.py is not the code v00001 was evaluated with"):
+        RunStore(tmp_path).code("v00001", normalized_hash("X = 1\n"))
+    # comments and formatting are not a change of code
+    (tmp_path / "variants" / "v00001" / "train.py").write_text("X = 1  # note\n")
+    assert RunStore(tmp_path).code("v00001", normalized_hash("X = 1\n")) == "X = 1  # note\n"
+    (tmp_path / "variants" / "v00002" / "train.py").unlink()
+    with pytest.raises(StoreError, match="v00002/train.py is missing"):
+        RunStore(tmp_path).code("v00002")
+
+
+def test_a_schema_1_checkpoint_with_a_code_column_still_resumes(tmp_path):
+    """Runs started before code moved to files: each variant gets its train.py from the column."""
+    store = RunStore(tmp_path)
+    store.create("run: {}\n", "X = 1\n", {})
+    individuals = [make(1, val=2.0), make(2, status="pending")]
+    rows = [{**i.to_row(), "code": f"X = {n}\n"} for n, i in enumerate(individuals, start=1)]
+    table = pa.Table.from_pylist(rows).replace_schema_metadata(
+        {"evo_schema": "1", "evo_state": json.dumps({"counters": {"births": 2}})})
+    pq.write_table(table, tmp_path / POPULATION)
+    loaded, state = store.load()
+    assert [i.id for i in loaded] == ["v00001", "v00002"] and state == {"counters": {"births": 2}}
+    assert RunStore(tmp_path).code("v00002", loaded[1].code_hash) == "X = 2\n"

@@ -85,6 +85,15 @@ def test_failures_are_statuses_not_exceptions(small_data, code, status, reason):
     assert reason in result.reason
 
 
+@pytest.mark.parametrize("vandalism", ["open(__file__, 'w').write('X = 1\\n')", "import os; os.remove(__file__)"])
+def test_a_variant_that_rewrites_its_own_code_is_tampered_and_the_code_restored(small_data, tmp_path, vandalism):
+    """The engine keeps each variant's code in its train.py, so the file must outlive the run."""
+    code = TINY_MODEL + vandalism + "\nprint(f'val_bpb: {prepare.evaluate_bpb(model, tok, 8):.6f}')\n"
+    result = run_variant(code, settings(small_data), run_dir=tmp_path / "v")
+    assert result.status == "tampered" and "its own train.py" in result.reason
+    assert (tmp_path / "v" / "train.py").read_text() == code
+
+
 def test_precheck_refusal_runs_nothing(small_data, tmp_path):
     marker = tmp_path / "ran"
     code = f"open({str(marker)!r}, 'w').write('x')\nopen('prepare.py', 'w')\n"

@@ -178,7 +178,7 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
         )
     run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="evo-run-"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "train.py").write_text(code)
+    _place_code(run_dir / "train.py", code)
     log_path = run_dir / "log.txt"
 
     refusal = precheck(code)
@@ -227,6 +227,9 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
             child.wait()
         processes.kill_by_token(run_token)
     wall = time.monotonic() - started
+    code_intact = _code_intact(run_dir / "train.py", code)
+    if not code_intact:  # the engine keeps the variant's code in this file: put it back
+        _place_code(run_dir / "train.py", code)
     if killed_for == "cancelled":
         shutil.rmtree(private, ignore_errors=True)
         raise RunCancelled(str(run_dir))
@@ -245,6 +248,8 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
     shutil.rmtree(private, ignore_errors=True)
 
     _classify(result, killed_for, settings)
+    if not code_intact:
+        result.status, result.reason = "tampered", "the variant changed or removed its own train.py"
     if prepare_hash() != expected:
         result.status, result.reason = "tampered", "prepare.py changed during the run"
     return _finish(run_dir, result)
@@ -289,6 +294,24 @@ def _metrics_problem(metrics: dict, settings: RunSettings) -> str | None:
     if settings.heldout != ("heldout_bpb" in metrics):
         return "held-out score present when not asked for, or missing when asked for"
     return None
+
+
+def _code_intact(path: Path, code: str) -> bool:
+    try:
+        return path.read_text() == code
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _place_code(path: Path, code: str) -> None:
+    """The variant's train.py; an identical copy already there (the engine's own) is left alone."""
+    if _code_intact(path, code):
+        return
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    tmp = path.with_name("train.py.tmp")
+    tmp.write_text(code)
+    os.replace(tmp, path)  # a crash never leaves half a file where the code should be
 
 
 def _finish(run_dir: Path, result: RunResult) -> RunResult:
