@@ -93,8 +93,9 @@ class Engine:
         self.store.save(list(self.population.individuals.values()), self.state())
 
     def code_of(self, individual_id: str) -> str:
-        """From the store's bounded cache, or from disk checked against the recorded hash (hold the lock)."""
-        return self.store.code(individual_id, self.population.individuals[individual_id].code_hash)
+        """From the store's bounded cache, or from disk checked against the recorded hash."""
+        with self.lock:  # the cache is shared by the workers (the lock is re-entrant)
+            return self.store.code(individual_id, self.population.individuals[individual_id].code_hash)
 
     def elapsed_seconds(self) -> float:
         return self.counters.elapsed_seconds + (time.monotonic() - self._session_start)
@@ -251,8 +252,7 @@ class Engine:
 
     def _guard_work(self, slot: WorkerSlot, job: Job):
         """A re-run for the guard: new seed, held-out scored, in the variant's own sub-folder."""
-        with self.lock:  # the store's code cache is shared by the workers
-            code = self.code_of(job.individual)
+        code = self.code_of(job.individual)
         settings = self.run_settings(slot, seconds=self.config.budget.seconds * job.budget_multiplier, seed=job.seed)
         settings.heldout = True
         run_dir = self.store.variant_dir(job.individual) / job.key
@@ -270,8 +270,7 @@ class Engine:
 
     def evaluate(self, individual: Individual, slot: WorkerSlot) -> RunResult:
         run_dir = self.store.variant_dir(individual.id)
-        with self.lock:  # the store's code cache is shared by the workers
-            code = self.code_of(individual.id)
+        code = self.code_of(individual.id)
         smoke = self.config.cascade.smoke_seconds
         if smoke and individual.operator != "seed":
             settings = self.run_settings(slot, seconds=smoke)

@@ -229,7 +229,7 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
     wall = time.monotonic() - started
     code_intact = _code_intact(run_dir / "train.py", code)
     if not code_intact:  # the engine keeps the variant's code in this file: put it back
-        _place_code(run_dir / "train.py", code)
+        _write_code(run_dir / "train.py", code)
     if killed_for == "cancelled":
         shutil.rmtree(private, ignore_errors=True)
         raise RunCancelled(str(run_dir))
@@ -305,17 +305,22 @@ def _code_intact(path: Path, code: str) -> bool:
 
 def _place_code(path: Path, code: str) -> None:
     """The variant's train.py; an identical copy already there (the engine's own) is left alone."""
-    if _code_intact(path, code):
-        return
-    if path.is_dir() and not path.is_symlink():
+    if not _code_intact(path, code):
+        _write_code(path, code)
+
+
+def _write_code(path: Path, code: str) -> None:
+    if path.is_dir() and not path.is_symlink():  # a variant may have put a folder in its place
         shutil.rmtree(path)
-    tmp = path.with_name("train.py.tmp")
-    tmp.write_text(code)
-    os.replace(tmp, path)  # a crash never leaves half a file where the code should be
+    _replace_with(path, code)  # a crash never leaves half a file where the code should be
+
+
+def _replace_with(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _finish(run_dir: Path, result: RunResult) -> RunResult:
-    tmp = run_dir / "result.json.tmp"
-    tmp.write_text(json.dumps(result.to_dict(), indent=2))
-    os.replace(tmp, run_dir / "result.json")  # present means complete: resume may trust it
+    _replace_with(run_dir / "result.json", json.dumps(result.to_dict(), indent=2))  # present means complete: resume may trust it
     return result
