@@ -1,4 +1,4 @@
-"""Data, tokenizer, splits, dataloader and the trusted evaluation. Fixed during a run.
+"""Data, tokenizer, splits, dataloader, the hand-over and the scoring rules. Fixed during a run.
 
 Two faces, one file (as in autoresearch):
 
@@ -6,9 +6,12 @@ Two faces, one file (as in autoresearch):
   documents by a stable hash into train / val / heldout, trains a BPE tokenizer on train only,
   tokenizes, and writes the splits plus `meta.json` (with a fingerprint) to the data directory.
 * `import prepare` is the runtime API for variants: settings from the `EVO_` environment,
-  `get_tokenizer()`, `make_dataloader(...)` and `evaluate_bpb(...)`, the only number evo trusts.
+  `get_tokenizer()`, `make_dataloader(...)` (train only) and `evaluate_bpb(...)`, which hands
+  the trained model over to evo's evaluator and returns the score it measured.
 
-Variants must not modify this file; the runner hashes it before and after every run.
+The scoring rules (`score_rows`: bits per byte and the causality probe) live here so that a
+standalone run of a seed scores the same way; under evo they run only in the evaluator, a
+separate process that never runs a variant's code (trainer/evaluator.py).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import random
+import socket
 import sys
 import sysconfig
 import time
@@ -78,8 +82,11 @@ SEED = _env_int("EVO_SEED", 0)
 DEVICE = os.environ.get("EVO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 MAX_SEQ_LEN = _env_int("EVO_SEQ_LEN", DEFAULT_SEQ_LEN)
 EVAL_TOKENS = _env_int("EVO_EVAL_TOKENS", DEFAULT_EVAL_TOKENS)
-METRICS_PATH = os.environ.get("EVO_METRICS_PATH") or ""
-HELDOUT = os.environ.get("EVO_HELDOUT", "0") == "1"
+# How evaluate_bpb reaches the runner (set by evo's launcher; absent in a standalone run), and
+# the unsealed mode's settings (evaluation: in_process scores inside the variant's process).
+HANDOVER_FD = _env_int("EVO_HANDOVER_FD", -1)
+IN_PROCESS = os.environ.get("EVO_EVALUATION") == "in_process"
+IN_PROCESS_HELDOUT = os.environ.get("EVO_HELDOUT") == "1"
 
 
 def seed_everything(seed: int) -> None:
@@ -338,10 +345,27 @@ def fingerprint(data_dir: str | Path) -> str:
     h = hashlib.sha256()
     for path in [data_dir / "tokenizer.json"] + [_split_path(data_dir, s) for s in SPLIT_NAMES]:
         h.update(path.name.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except OSError as e:
+            raise PrepareError(f"{path} cannot be read ({e.strerror}); rebuild the data with "
+                               f"`evo prepare --force --data-dir {data_dir}`") from None
     return h.hexdigest()[:16]
+
+
+def verify(data_dir: str | Path) -> dict:
+    """meta.json, after checking that the files still are the ones it describes."""
+    meta = _require_prepared(str(data_dir))
+    actual = fingerprint(data_dir)
+    if actual != meta.get("fingerprint"):
+        raise PrepareError(
+            f"the data in {data_dir} changed after it was prepared: its files hash to {actual}, meta.json "
+            f"records {meta.get('fingerprint')} (a file was edited, truncated or replaced). Rebuild it with "
+            f"`evo prepare --force --data-dir {data_dir}` and the same --source/--vocab-size as before."
+        )
+    return meta
 
 
 def build(settings: PrepareSettings, data_dir: str | Path, force: bool = False) -> dict:
@@ -352,6 +376,7 @@ def build(settings: PrepareSettings, data_dir: str | Path, force: bool = False) 
         meta = json.loads(meta_path.read_text())
         files_present = all(_split_path(data_dir, s).is_file() for s in SPLIT_NAMES)
         if meta.get("version") == META_VERSION and meta.get("settings") == asdict(settings) and files_present:
+            meta = verify(data_dir)  # a damaged cache is an error, never silently reused
             meta["cached"] = True
             return meta
 
@@ -431,8 +456,6 @@ def read_meta(data_dir: str | None = None) -> dict:
 # Runtime API for variants
 # ---------------------------------------------------------------------------------------------
 
-_VARIANT_SPLITS = ("train", "val")  # heldout is evaluated by evaluate_bpb only, never served
-
 
 def _tokens(split: str, data_dir: str | None = None) -> np.ndarray:
     data_dir = data_dir or DATA_DIR
@@ -443,16 +466,16 @@ def _tokens(split: str, data_dir: str | None = None) -> np.ndarray:
 def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str = "train") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless batches (x, y) of B random windows of T tokens, y shifted by one, on DEVICE.
 
-    The order depends only on EVO_SEED and the split, so two runs with the same seed see the
-    same data and a new seed sees a new order.
+    The order depends only on EVO_SEED, so two runs with the same seed see the same data and a
+    new seed sees a new order. Only train is served: val and held-out are read by the evaluator.
     """
-    if split not in _VARIANT_SPLITS:
-        raise ValueError(f"make_dataloader serves {_VARIANT_SPLITS}, not {split!r}")
+    if split != "train":
+        raise ValueError(f"make_dataloader serves the train split only, not {split!r}: evo's evaluator scores "
+                         "val and held-out, and a variant never reads them")
     tokens = _tokens(split)
     if tokens.size < T + 2:
         raise PrepareError(f"the {split} split has {tokens.size} tokens, fewer than T+1={T + 1}")
-    salt = SPLIT_NAMES.index(split)
-    generator = torch.Generator().manual_seed(SEED * 1000 + salt)
+    generator = torch.Generator().manual_seed(SEED * 1000)
     pin = DEVICE == "cuda"
     while True:
         starts = torch.randint(0, tokens.size - T - 1, (B,), generator=generator).tolist()
@@ -464,12 +487,20 @@ def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str = "train") 
         yield batch[:, :-1], batch[:, 1:]
 
 
+# ---------------------------------------------------------------------------------------------
+# Scoring rules: bits per byte and the causality probe (run by the evaluator)
+# ---------------------------------------------------------------------------------------------
+
+PROBE_EVERY = 4  # one batch in this many (at least one) is also run with changed futures
+PROBE_TOLERANCE = 1e-5  # relative: a causal model's earlier logits do not move at all
+
+
 class CausalityViolation(RuntimeError):
     """The model's earlier outputs changed when later inputs changed: it sees the future."""
 
 
-def _logits_of(model: torch.nn.Module, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    out = model(x)
+def logits_of(forward, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    out = forward(x)
     if isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.dim() != 3 or out.shape[:2] != x.shape:
@@ -480,114 +511,186 @@ def _logits_of(model: torch.nn.Module, x: torch.Tensor, vocab_size: int) -> torc
     return out[..., :vocab_size].float()
 
 
-def _eval_rows(split: str, n_tokens: int, T: int) -> torch.Tensor:
+def eval_rows(tokens: np.ndarray, n_tokens: int, T: int) -> torch.Tensor:
     """Consecutive, non-overlapping windows of T+1 tokens from the start of a split."""
-    tokens = _tokens(split)
-    n_rows = max(1, min(n_tokens, tokens.size - 1) // T)
-    n_rows = min(n_rows, (tokens.size - 1) // T)
+    n_rows = min(max(1, min(n_tokens, tokens.size - 1) // T), (tokens.size - 1) // T)
     if n_rows < 1:
-        raise PrepareError(f"the {split} split has {tokens.size} tokens, too few for one window of {T}")
+        raise PrepareError(f"a split of {tokens.size} tokens is too small for one window of {T}")
     idx = np.arange(T + 1)[None, :] + T * np.arange(n_rows)[:, None]
     return torch.from_numpy(tokens[idx].astype(np.int64))
 
 
-def _probe_causality(model, x: torch.Tensor, vocab_size: int) -> str | None:
-    """Change the second half of the inputs; the first half's logits must not move."""
-    T = x.shape[1]
-    cut = T // 2
-    changed = x.clone()
-    generator = torch.Generator().manual_seed(1234)
-    changed[:, cut:] = torch.randint(0, vocab_size - 1, changed[:, cut:].shape, generator=generator).to(x.device)
-    before = _logits_of(model, x, vocab_size)[:, :cut]
-    after = _logits_of(model, changed, vocab_size)[:, :cut]
-    diff = (before - after).abs().max().item()
-    scale = before.abs().max().item()
-    if not math.isfinite(diff) or diff > 1e-3 * max(1.0, scale):
-        return f"logits at positions < {cut} changed by {diff:.3g} when only positions >= {cut} changed"
-    return None
+def score_rows(forward, rows: torch.Tensor, batch_size: int, token_bytes: torch.Tensor, vocab_size: int,
+               device, donors: np.ndarray | None = None, rng: random.Random | None = None) -> dict:
+    """Bits per byte of `rows` under `forward`, which always gets exactly batch_size rows.
 
-
-def _bpb_of_rows(model, rows: torch.Tensor, batch_size: int, token_bytes: torch.Tensor, vocab_size: int, device: str):
-    total_nats, total_bytes, total_tokens = 0.0, 0, 0
-    for i in range(0, rows.shape[0], batch_size):
-        batch = rows[i : i + batch_size].to(device)
+    A batch holds windows that are never neighbours in the text (row b, b + n_batches, ...), so
+    no row's continuation sits beside it. With `donors` (other text) and `rng`, some batches are
+    probed: `_probe` must find every row's earlier logits unchanged by later tokens.
+    """
+    n_rows = rows.shape[0]
+    n_batches = -(-n_rows // batch_size)
+    probed = set(rng.sample(range(n_batches), max(1, n_batches // PROBE_EVERY))) if rng is not None else set()
+    token_bytes = token_bytes.to(device)
+    total_nats, total_bytes, total_tokens, probed_rows = 0.0, 0, 0, 0
+    for b in range(n_batches):
+        members = list(range(b, n_rows, n_batches))
+        real = len(members)
+        members += [members[i % real] for i in range(batch_size - real)]  # padding, never scored
+        batch = rows[members].to(device)
         x, y = batch[:, :-1], batch[:, 1:]
-        logits = _logits_of(model, x, vocab_size)
+        logits = logits_of(forward, x, vocab_size)
+        if b in probed:
+            probed_rows += _probe(forward, x, logits, vocab_size, donors, rng)
+        logits, y = logits[:real], y[:real]
         nats = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1), reduction="none")
         nbytes = token_bytes[y.reshape(-1)]
         scored = nbytes > 0  # special tokens (BOS) carry no bytes and are not scored
         total_nats += nats[scored].double().sum().item()
         total_bytes += int(nbytes.sum().item())
         total_tokens += int(scored.sum().item())
-    return total_nats / (math.log(2) * total_bytes), total_nats / max(total_tokens, 1), total_tokens, total_bytes
+    return {"bpb": total_nats / (math.log(2) * total_bytes), "loss": total_nats / max(total_tokens, 1),
+            "tokens": total_tokens, "bytes": total_bytes, "probed_rows": probed_rows}
 
 
-def _write_metrics(metrics: dict) -> None:
-    if not METRICS_PATH:
-        return
-    tmp = METRICS_PATH + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(metrics, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, METRICS_PATH)
+def _probe(forward, x: torch.Tensor, logits: torch.Tensor, vocab_size: int, donors: np.ndarray, rng: random.Random) -> int:
+    """Half the rows keep a random-length prefix and get another text's future; the other half are
+    replaced whole. A kept row's logits before its cut must not move: a model that reads ahead, or
+    reads other rows of the batch, is caught. Returns the number of rows checked."""
+    B, T = x.shape
+    if T < 2:
+        return 0
+    changed = x.clone()
+    parity = rng.randrange(2)
+    cuts = {}
+    for j in range(B):
+        start = rng.randrange(0, donors.size - T)
+        donor = torch.from_numpy(donors[start : start + T].astype(np.int64)).to(x.device)
+        if B == 1 or (j + parity) % 2 == 0:
+            cuts[j] = rng.randrange(1, T)
+            changed[j, cuts[j]:] = donor[cuts[j]:]
+        else:
+            changed[j] = donor
+    after = logits_of(forward, changed, vocab_size)
+    for j, cut in cuts.items():
+        before_j, after_j = logits[j, :cut], after[j, :cut]
+        diff = (before_j - after_j).abs().max().item()
+        scale = before_j.abs().max().item()
+        if not math.isfinite(diff) or diff > PROBE_TOLERANCE * max(1.0, scale):
+            raise CausalityViolation(
+                f"non-causal model: logits at positions < {cut} moved by {diff:.3g} when only later positions "
+                "(and the other rows of the batch) changed"
+            )
+    return len(cuts)
 
 
-# What evaluate_bpb relies on, as it was at import. A variant that swaps one of these (for
-# example through vars(prepare) or by patching torch's cross-entropy) is caught and marked.
-_TRUSTED_NAMES = ("_logits_of", "_eval_rows", "_probe_causality", "_bpb_of_rows", "_write_metrics",
-                  "_tokens", "read_meta", "_require_prepared")
-_TRUSTED = {name: (globals()[name], globals()[name].__code__) for name in _TRUSTED_NAMES}
-_TRUSTED_TORCH = (torch.nn.functional.cross_entropy, torch.Tensor.sum, torch.autocast)
+def score_model(forward, batch_size: int, split: str = "val", data_dir: str | None = None, seq_len: int | None = None,
+                eval_tokens: int | None = None, device=None, rng: random.Random | None = None) -> dict:
+    """Score a callable model on a split as the evaluator does (probed when rng is given)."""
+    data_dir = data_dir or DATA_DIR
+    T = seq_len or MAX_SEQ_LEN
+    tokenizer = get_tokenizer(data_dir)
+    rows = eval_rows(_tokens(split, data_dir), eval_tokens or EVAL_TOKENS, T)
+    donors = _tokens("train", data_dir) if rng is not None else None
+    with torch.no_grad():
+        return score_rows(forward, rows, batch_size, tokenizer.token_bytes, tokenizer.vocab_size,
+                          device or DEVICE, donors, rng)
 
 
-def _integrity_problem() -> str | None:
-    for name, (function, code) in _TRUSTED.items():
-        if globals().get(name) is not function or function.__code__ is not code:
-            return f"prepare.{name} was replaced or modified"
-    if (torch.nn.functional.cross_entropy, torch.Tensor.sum, torch.autocast) != _TRUSTED_TORCH:
-        return "torch functions used by evaluate_bpb were replaced"
-    return None
+# ---------------------------------------------------------------------------------------------
+# The hand-over
+# ---------------------------------------------------------------------------------------------
+
+
+class EvaluationFailed(RuntimeError):
+    """The model could not be handed over or scored; the message says why."""
+
+
+class _Channel:
+    """JSON lines over the socket the runner gave this process (EVO_HANDOVER_FD)."""
+
+    def __init__(self, fd: int):
+        self.sock = socket.socket(fileno=fd)
+        self.replies = self.sock.makefile("r", encoding="utf-8")
+
+    def tell(self, message: dict) -> None:
+        self.sock.sendall((json.dumps(message) + "\n").encode())
+
+    def ask(self, message: dict) -> dict:
+        self.tell(message)
+        line = self.replies.readline()
+        if not line:
+            raise EvaluationFailed("the runner closed the hand-over channel without an answer")
+        return json.loads(line)
+
+
+_CHANNEL: list[_Channel] = []
+
+
+def handover_channel() -> _Channel | None:
+    if HANDOVER_FD < 0:
+        return None
+    if not _CHANNEL:
+        _CHANNEL.append(_Channel(HANDOVER_FD))
+    return _CHANNEL[0]
+
+
+def _model_device(model: torch.nn.Module) -> str:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        return tensor.device.type
+    return DEVICE
 
 
 def evaluate_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batch_size: int) -> float:
-    """Validation bits per byte, computed here from the model's logits. The trusted number.
+    """Hand the trained model over for scoring and return its validation bits per byte.
 
-    Writes the metrics JSON to EVO_METRICS_PATH; with EVO_HELDOUT=1 it also scores the held-out
-    split into that file, and never prints it. Returns val_bpb.
+    Under evo the model leaves this process as a graph (torch.export, written sealed by
+    trainer/sealed.py) and evo's evaluator, a separate process, computes the score from data this
+    process cannot read; this function only returns what the evaluator measured. Run by hand
+    (no evo around), the model is scored here by the same rules. `tokenizer` is accepted for
+    autoresearch's signature; the evaluator uses its own copy.
     """
-    started = time.perf_counter()
-    T = MAX_SEQ_LEN
-    device = next(model.parameters()).device.type if any(True for _ in model.parameters()) else DEVICE
-    token_bytes = tokenizer.token_bytes.to(device)
-    vocab = tokenizer.vocab_size
+    channel = handover_channel()
     was_training = model.training
     model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
-    meta = read_meta()
-    metrics: dict = {"seq_len": T, "eval_tokens_requested": EVAL_TOKENS, "data_fingerprint": meta["fingerprint"]}
-    problem = _integrity_problem()
-    if problem:
-        _write_metrics({**metrics, "tampered": problem})
-        raise RuntimeError(f"evaluation refused: {problem}")
     try:
-        with torch.no_grad(), autocast:
-            val_rows = _eval_rows("val", EVAL_TOKENS, T)
-            violation = _probe_causality(model, val_rows[: min(batch_size, 4)].to(device)[:, :-1], vocab)
-            if violation:
-                _write_metrics({**metrics, "tampered": "non-causal model: " + violation})
-                raise CausalityViolation(violation)
-            val_bpb, val_loss, n_tokens, n_bytes = _bpb_of_rows(model, val_rows, batch_size, token_bytes, vocab, device)
-            metrics.update(val_bpb=val_bpb, val_loss=val_loss, eval_tokens=n_tokens, eval_bytes=n_bytes)
-            if HELDOUT:
-                rows = _eval_rows("heldout", EVAL_TOKENS, T)
-                heldout_bpb, heldout_loss, _, _ = _bpb_of_rows(model, rows, batch_size, token_bytes, vocab, device)
-                metrics.update(heldout_bpb=heldout_bpb, heldout_loss=heldout_loss)
+        if channel is None or IN_PROCESS:
+            splits = ["val"] + (["heldout"] if channel is not None and IN_PROCESS_HELDOUT else [])
+            metrics = {}
+            for split in splits:
+                scored = score_model(model, batch_size, split, device=_model_device(model), rng=random.Random())
+                prefix = "val" if split == "val" else "heldout"
+                metrics.update({f"{prefix}_bpb": scored["bpb"], f"{prefix}_loss": scored["loss"]})
+                if split == "val":
+                    metrics.update(eval_tokens=scored["tokens"], eval_bytes=scored["bytes"], probed_rows=scored["probed_rows"])
+            if channel is None:
+                return metrics["val_bpb"]
+            reply = channel.ask({"event": "metrics", "metrics": metrics})
+        else:
+            reply = channel.ask(_export_for_handover(model, batch_size, channel))
     finally:
         model.train(was_training)
-    metrics["eval_seconds"] = round(time.perf_counter() - started, 3)
-    _write_metrics(metrics)
-    return val_bpb
+    if "error" in reply:
+        raise EvaluationFailed(reply["error"])
+    return float(reply["val_bpb"])
+
+
+def _export_for_handover(model: torch.nn.Module, batch_size: int, channel: _Channel) -> dict:
+    from trainer import sealed
+
+    device = _model_device(model)
+    name = "model" + sealed.SUFFIX
+    started = time.perf_counter()
+    try:
+        with open(name + ".tmp", "wb") as f:
+            sealed.write_model(model, batch_size, MAX_SEQ_LEN, device, f)
+        os.replace(name + ".tmp", name)
+    except sealed.ExportError as e:
+        channel.tell({"event": "export_failed", "reason": str(e)})
+        raise EvaluationFailed(f"the model could not be exported for scoring: {e}") from None
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the evaluator needs room on the same GPU
+    return {"event": "handover", "file": name, "export_seconds": round(time.perf_counter() - started, 3)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,13 +23,15 @@ def _cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"evo eval: error: no such file: {path}", file=sys.stderr)
         return 2
     try:
-        prepare.read_meta(args.data_dir)
+        prepare.verify(args.data_dir)
     except prepare.PrepareError as e:
         print(f"evo eval: error: {e}", file=sys.stderr)
         return 2
     settings = RunSettings(
         time_budget=args.budget, seed=args.seed, data_dir=args.data_dir, device=args.device,
-        heldout=args.heldout, seq_len=args.seq_len, eval_tokens=args.eval_tokens,
+        heldout=args.heldout, seq_len=args.seq_len, eval_tokens=args.eval_tokens, startup_grace=args.startup_grace,
+        eval_grace=args.eval_grace, memory_limit_mb=args.memory_limit_mb or None, evaluation=args.evaluation,
+        sandbox=args.sandbox,
     )
     result = run_variant(path.read_text(), settings, run_dir=args.run_dir)
     if args.json:
@@ -97,7 +100,11 @@ def format_result(result) -> str:
         if key in result.metrics:
             value = result.metrics[key]
             rows.append((key, f"{value:.6f}" if isinstance(value, float) else str(value)))
+    if result.train_seconds is not None:
+        rows.append(("train_seconds", f"{result.train_seconds:.1f} (the runner's clock, to the hand-over)"))
     rows += [
+        ("scored", "sealed (by the evaluator)" if result.sealed else "UNSEALED (inside the variant's process)"),
+        ("sandbox", result.sandbox),
         ("wall_seconds", f"{result.wall_seconds:.1f}"),
         ("peak_memory_mb", f"{result.peak_memory_mb:.0f}"),
         ("run_dir", result.run_dir),
@@ -107,6 +114,10 @@ def format_result(result) -> str:
     if result.status != "ok" and result.log_tail:
         lines += ["", "log tail:", result.log_tail]
     return "\n".join(lines)
+
+
+def _default_memory_limit_mb() -> float:
+    return 0.75 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,7 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=prepare.DATA_DIR, help="prepared data (default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=prepare.MAX_SEQ_LEN, help="evaluation context (default: %(default)s)")
     p.add_argument("--eval-tokens", type=int, default=prepare.EVAL_TOKENS, help="validation tokens scored (default: %(default)s)")
-    p.add_argument("--heldout", action="store_true", help="also score the held-out split (written to the metrics file only)")
+    p.add_argument("--heldout", action="store_true", help="also score the held-out split")
+    p.add_argument("--startup-grace", type=float, default=60.0, help="allowance past the budget before the variant is killed as over_budget (default: %(default)s)")
+    p.add_argument("--eval-grace", type=float, default=60.0, help="seconds the evaluator may take to score (default: %(default)s)")
+    p.add_argument("--memory-limit-mb", type=float, default=_default_memory_limit_mb(),
+                   help="kill the variant above this memory, all its processes counted; 0: none (default: 3/4 of RAM, %(default).0f)")
+    p.add_argument("--evaluation", choices=("sealed", "in_process"), default="sealed",
+                   help="sealed: a separate evaluator scores the handed-over model (default); in_process: unsealed")
+    p.add_argument("--sandbox", choices=("auto", "bubblewrap", "none"), default="auto",
+                   help="auto: bubblewrap where it works (default); bubblewrap: required; none: off")
     p.add_argument("--run-dir", default=None, help="where to keep train.py, log and metrics (default: a new temp dir)")
     p.add_argument("--json", action="store_true", help="print the result record as JSON")
     p.set_defaults(handler=_cmd_eval)
@@ -162,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from evo.config import ConfigError
     from evo.store import StoreError
+    from trainer.runner import EvaluationUntrusted, SandboxUnavailable
 
     try:
         return args.handler(args, [])
-    except (ConfigError, StoreError, prepare.PrepareError) as e:
+    except (ConfigError, StoreError, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted) as e:
         print(f"evo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -34,9 +34,21 @@ class DataSection(Section):
 
 class BudgetSection(Section):
     seconds: float = Field(30.0, gt=0, description="training seconds per evaluation (EVO_TIME_BUDGET)")
-    startup_grace: float = Field(60.0, ge=0, description="seconds allowed for start-up and compile")
-    eval_grace: float = Field(60.0, ge=0, description="seconds allowed for the final evaluation")
-    memory_limit_mb: float | None = Field(None, gt=0, description="kill a variant above this resident memory")
+    startup_grace: float = Field(60.0, ge=0, description="allowance past the budget, the same for every variant: "
+                                 "compile, warm-up and export count; past seconds + startup_grace a variant is killed (over_budget)")
+    eval_grace: float = Field(60.0, ge=0, description="seconds the evaluator may take to score a handed-over model")
+    memory_limit_mb: float | None = Field(None, gt=0, description="kill a variant whose processes hold more (PSS, plus its private /tmp)")
+
+
+class EvaluationSection(Section):
+    mode: Literal["sealed", "in_process"] = Field(
+        "sealed", description="sealed: the model is handed over as a graph and scored by a separate evaluator; "
+                              "in_process: scored inside the variant's own process (for models torch.export cannot "
+                              "capture; such scores are marked unsealed, because a variant can forge them)")
+    sandbox: Literal["auto", "bubblewrap", "none"] = Field(
+        "auto", description="auto: bubblewrap where it works, else run unsandboxed with a warning; bubblewrap: "
+                            "required; none: never (every result records which)")
+    max_model_mb: float = Field(16384, gt=0, description="a handed-over model file above this size is refused")
 
 
 class PopulationSection(Section):
@@ -139,6 +151,7 @@ class Config(Section):
     operators: dict[str, float] = Field(default_factory=lambda: {"perturb": 1.0}, description="operator name -> weight")
     mutators: MutatorsSection = MutatorsSection()
     guard: GuardSection = GuardSection()
+    evaluation: EvaluationSection = EvaluationSection()
     cascade: CascadeSection = CascadeSection()
     stopping: StoppingSection = StoppingSection()
     workers: WorkersSection = WorkersSection()

@@ -26,7 +26,9 @@ from evo.workers import WorkerSlot, worker_slots
 from mutators import registry
 from mutators.base import Context, Failure, Idea, Parent, Refusal, Relative
 from trainer import processes
-from trainer.runner import RunCancelled, RunResult, RunSettings, run_variant
+from trainer.evaluator import Evaluator
+from trainer.runner import (EvaluationUntrusted, RunCancelled, RunResult, RunSettings, SandboxUnavailable, code_sha256,
+                            run_variant, use_sandbox)
 
 BREED_ATTEMPTS = 20  # tries for a new, valid, unseen child before a worker waits
 
@@ -60,7 +62,11 @@ class Engine:
         self.cancel = threading.Event()
         self.seed_code = (store.dir / "seed.py").read_text()
         self.data_dir = config.data.dir or prepare.DATA_DIR
-        self.prepare_hash = store.run_info()["prepare_hash"]
+        info = store.run_info()
+        self.prepare_hash = info["prepare_hash"]
+        self.data_fingerprint = info["data_fingerprint"]
+        self.sandboxed: bool | None = None  # decided when the run starts (bubblewrap probed once)
+        self.evaluators: dict[str, Evaluator] = {}  # one warm evaluator per worker slot
         self._session_start = time.monotonic()
         self._in_flight: dict[Future, tuple[WorkerSlot, str]] = {}  # job -> (slot, "child" or "guard")
         self._guard_running: list[Job] = []
@@ -176,6 +182,7 @@ class Engine:
                                              proposal.details, proposal.hypothesis)
                 child.llm_tokens = int(proposal.details.get("llm", {}).get("total_tokens", 0))
                 self._register(child)
+                self._running.add(child.id)  # in the same lock as its birth: no other worker may take it
                 self._after_birth()
                 return child
         return None
@@ -245,8 +252,6 @@ class Engine:
             individual = self.breed()
             if individual is None:
                 return None
-            with self.lock:
-                self._running.add(individual.id)
         individual.device = slot.label
         return individual, self.evaluate(individual, slot)
 
@@ -256,17 +261,36 @@ class Engine:
         settings = self.run_settings(slot, seconds=self.config.budget.seconds * job.budget_multiplier, seed=job.seed)
         settings.heldout = True
         run_dir = self.store.variant_dir(job.individual) / job.key
-        return job, run_variant(code, settings, run_dir, job.token, self.cancel)
+        return job, run_variant(code, settings, run_dir, job.token, self.cancel, self._evaluator(slot))
 
     # ---- evaluation ----
     def run_settings(self, slot: WorkerSlot, seconds: float | None = None, seed: int | None = None) -> RunSettings:
-        b, d = self.config.budget, self.config.data
+        b, d, e = self.config.budget, self.config.data, self.config.evaluation
         return RunSettings(
             time_budget=seconds or b.seconds, seed=self.config.seed if seed is None else seed,
             data_dir=self.data_dir, device=slot.device, gpu=slot.gpu, threads=slot.threads,
             seq_len=d.seq_len, eval_tokens=d.eval_tokens, startup_grace=b.startup_grace,
             eval_grace=b.eval_grace, memory_limit_mb=b.memory_limit_mb, expected_prepare_hash=self.prepare_hash,
+            data_fingerprint=self.data_fingerprint, evaluation=e.mode,
+            sandbox="bubblewrap" if self.sandboxed else "none", max_model_mb=e.max_model_mb,
         )
+
+    def _evaluator(self, slot: WorkerSlot) -> Evaluator | None:
+        """The slot's warm evaluator (a slot runs one job at a time, so it is never shared)."""
+        if self.config.evaluation.mode != "sealed":
+            return None
+        if slot.label not in self.evaluators:
+            log = self.store.dir / f"evaluator-{slot.label.replace('#', '').replace(':', '')}.log"
+            self.evaluators[slot.label] = Evaluator(slot.device, slot.gpu, slot.threads, bool(self.sandboxed), log)
+        return self.evaluators[slot.label]
+
+    def _decide_sandbox(self) -> None:
+        """Probe bubblewrap once per engine and say plainly what the variants will run in."""
+        e = self.config.evaluation
+        self.sandboxed = use_sandbox(e.sandbox, warn=self.log)
+        if e.mode == "in_process":
+            self.log("evo: warning: evaluation.mode is in_process: each variant scores itself, inside its own "
+                     "process, so a variant can forge its score. Every record of this run says unsealed.")
 
     def evaluate(self, individual: Individual, slot: WorkerSlot) -> RunResult:
         run_dir = self.store.variant_dir(individual.id)
@@ -275,11 +299,11 @@ class Engine:
         if smoke and individual.operator != "seed":
             settings = self.run_settings(slot, seconds=smoke)
             settings.eval_tokens = min(settings.eval_tokens, 4 * settings.seq_len)
-            result = run_variant(code, settings, run_dir / "smoke", individual.run_token, self.cancel)
+            result = run_variant(code, settings, run_dir / "smoke", individual.run_token, self.cancel, self._evaluator(slot))
             if result.status != "ok":
                 result.reason = f"smoke run: {result.reason}"
                 return result
-        return run_variant(code, self.run_settings(slot), run_dir, individual.run_token, self.cancel)
+        return run_variant(code, self.run_settings(slot), run_dir, individual.run_token, self.cancel, self._evaluator(slot))
 
     def record(self, individual: Individual, result: RunResult) -> None:
         individual.status = result.status
@@ -320,21 +344,38 @@ class Engine:
             operator.feedback(details, val_bpb, evaluated)
 
     def adopt_finished_results(self) -> int:
-        """After a crash: evaluations that finished (result.json written) but were not checkpointed."""
+        """After a crash: evaluations that finished (result.json written) but were not checkpointed.
+
+        A result is adopted only if the runner wrote it for this very evaluation: the run token
+        recorded when it started and the hash of the code it ran must both match.
+        """
         adopted = 0
         for individual in self.population.pending():
-            path = self.store.variant_dir(individual.id) / "result.json"
-            if path.is_file():
-                data = json.loads(path.read_text())
-                self.record(individual, RunResult(**data))
+            result = self._finished_result(self.store.variant_dir(individual.id), individual.run_token, individual.id)
+            if result is not None:
+                self.record(individual, result)
                 adopted += 1
         for job in list(self.guard.queue):
-            path = self.store.variant_dir(job.individual) / job.key / "result.json"
-            if path.is_file():
+            result = self._finished_result(self.store.variant_dir(job.individual) / job.key, job.token, job.individual)
+            if result is not None:
                 self.guard.queue.remove(job)
-                self.record_guard(job, RunResult(**json.loads(path.read_text())))
+                self.record_guard(job, result)
                 adopted += 1
         return adopted
+
+    def _finished_result(self, folder, token: str, individual_id: str) -> RunResult | None:
+        path = folder / "result.json"
+        if not token or not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            result = RunResult(**{k: v for k, v in data.items() if k in RunResult.__dataclass_fields__})
+        except (OSError, ValueError, TypeError):
+            return None
+        if result.run_token != token or result.code_sha256 != code_sha256(self.code_of(individual_id)):
+            self.log(f"resume: {path} was not written for the evaluation in flight; it is run again")
+            return None
+        return result
 
     def sweep_leftovers(self) -> int:
         """Kill processes of evaluations that were in flight when the engine died."""
@@ -344,6 +385,8 @@ class Engine:
     # ---- the loop ----
     def _submit(self, pool: ThreadPoolExecutor, slot: WorkerSlot, breeding_allowed: bool) -> bool:
         """Start the next job on a free worker: guard re-runs first, then children."""
+        if self.cancel.is_set():
+            return False
         with self.lock:
             job = self.guard.take()
             if job is not None:
@@ -377,6 +420,8 @@ class Engine:
         return True
 
     def run(self) -> str:
+        if self.sandboxed is None:
+            self._decide_sandbox()
         free = list(self.slots)
         pool = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="evo-worker")
         reason, fruitless = None, 0
@@ -394,7 +439,16 @@ class Engine:
                 for future in done:
                     slot, kind = self._in_flight.pop(future)
                     free.append(slot)
-                    if self._collect(future, slot, kind):
+                    try:
+                        collected = self._collect(future, slot, kind)
+                    except (EvaluationUntrusted, SandboxUnavailable) as e:
+                        # Not the variant's fault: stop everything; what was in flight stays queued.
+                        reason = f"stopped, nothing more can be evaluated: {e}"
+                        self.cancel.set()
+                        continue
+                    except RunCancelled:
+                        continue
+                    if collected:
                         fruitless = 0
                         continue
                     fruitless += 1
@@ -413,6 +467,8 @@ class Engine:
             raise
         finally:
             pool.shutdown(wait=True)
+            for evaluator in self.evaluators.values():
+                evaluator.close()
             with self.lock:
                 self.counters.elapsed_seconds = self.elapsed_seconds()
                 self._session_start = time.monotonic()

@@ -28,7 +28,7 @@ def resolve_seed_file(seed_file: str, config_path: str | Path | None) -> Path:
 
 def start_run(config: Config, config_path: str | Path | None, log: Callable[[str], None] = print) -> Engine:
     data_dir = config.data.dir or prepare.DATA_DIR
-    meta = prepare.read_meta(data_dir)
+    meta = prepare.verify(data_dir)  # the files hash to what meta.json says, or a message on how to rebuild
     seed_path = resolve_seed_file(config.seed_file, config_path)
     store = RunStore(Path(config.run.dir) / config.run.name)
     store.create(dump_config(config), seed_path.read_text(), {
@@ -47,7 +47,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), log: Callable[[st
     info = store.run_info()
     config = load_config(store.dir / "config.yaml", overrides)
     data_dir = config.data.dir or prepare.DATA_DIR
-    fingerprint = prepare.read_meta(data_dir)["fingerprint"]
+    fingerprint = prepare.verify(data_dir)["fingerprint"]
     if fingerprint != info["data_fingerprint"]:
         raise StoreError(
             f"the data in {data_dir} (fingerprint {fingerprint}) is not the data this run used "

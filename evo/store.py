@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from evo.population import INDIVIDUAL_FIELDS, Individual, normalized_hash
+from trainer.files import write_atomic
 
 SCHEMA_VERSION = "2"  # 1 kept each variant's code in a column; 2 keeps it in variants/<id>/train.py
 POPULATION = "population.parquet"
@@ -35,15 +36,6 @@ PREVIOUS = "population.prev.parquet"
 
 class StoreError(Exception):
     """The run directory cannot be used as asked; the message says why and what to do."""
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 CODE_CACHE_SIZE = 256  # codes kept in memory: enough for every island's members in usual configs

@@ -57,7 +57,7 @@ def test_a_run_evaluates_checkpoints_and_exports(setup_run, tmp_path):
 def test_failing_variants_are_data_and_never_parents(setup_run):
     # Every child of the seed crashes once its QUALITY changes; the run must go on regardless.
     extra = "\nif QUALITY != 0.5:\n    raise RuntimeError('deliberate failure')\n"
-    config_path, run_dir, _ = setup_run(max_evaluations=4, extra_code=extra)
+    config_path, run_dir, _ = setup_run(max_evaluations=4, extra_code=extra, evaluation={"sandbox": "auto"})
     engine = start_run(load_config(config_path), config_path, log=lambda line: None)
     engine.run()
     individuals, _ = RunStore(run_dir).load()
@@ -164,7 +164,8 @@ def test_a_finished_result_not_yet_checkpointed_is_adopted_not_rerun(setup_run):
     store = RunStore(run_dir)
     individuals, state = store.load()
     last = individuals[-1]
-    last.status, last.val_bpb = "pending", None
+    written = json.loads((run_dir / "variants" / last.id / "result.json").read_text())
+    last.status, last.val_bpb, last.run_token = "pending", None, written["run_token"]  # as it was in flight
     state["counters"]["evaluations"] -= 1
     state["counters"]["by_status"]["ok"] -= 1
     store.save(individuals, state)
@@ -174,6 +175,28 @@ def test_a_finished_result_not_yet_checkpointed_is_adopted_not_rerun(setup_run):
     assert state["counters"]["evaluations"] == 3 and all(i.status == "ok" for i in individuals)
     starts, ends = ledger_counts(ledger)
     assert ends[last.id] == 1 and starts[last.id] == 1
+
+
+def test_a_result_json_the_runner_did_not_write_for_that_evaluation_is_run_again(setup_run):
+    config_path, run_dir, ledger = setup_run(max_evaluations=2)
+    start_run(load_config(config_path), config_path, log=lambda line: None).run()
+    store = RunStore(run_dir)
+    individuals, state = store.load()
+    last = individuals[-1]
+    path = run_dir / "variants" / last.id / "result.json"
+    forged = {**json.loads(path.read_text()), "metrics": {"val_bpb": 0.01}, "run_token": "guessed"}
+    path.write_text(json.dumps(forged))
+    last.status, last.val_bpb, last.run_token = "pending", None, "the-token-of-the-evaluation-in-flight"
+    state["counters"]["evaluations"] -= 1
+    state["counters"]["by_status"]["ok"] -= 1
+    store.save(individuals, state)
+    lines = []
+    resume_run(run_dir, log=lines.append).run()
+    individuals, _ = store.load()
+    assert individuals[-1].status == "ok" and individuals[-1].val_bpb > 1.0
+    assert any("was not written for the evaluation in flight" in line for line in lines)
+    starts, ends = ledger_counts(ledger)
+    assert ends[last.id] == 2  # it really ran again
 
 
 def test_resume_refuses_other_data_or_a_changed_prepare(setup_run):

@@ -13,7 +13,6 @@ from evo.runs import start_run
 from evo.stats import t_cdf, welch_less
 from evo.store import RunStore
 from tests.llm_server import ScriptedServer
-from trainer.runner import RunSettings, run_variant
 
 
 def test_welch_matches_reference_values():
@@ -130,41 +129,3 @@ def test_no_prompt_ever_sees_a_guard_score(setup_run, tmp_path):
             assert text not in prompts
     assert "heldout.bin" not in prompts and "heldout_bpb" not in prompts  # no path, no metric name
     assert "val_bpb" in prompts  # validation numbers do go in
-
-
-TAMPER = {
-    "prints a fake val_bpb": "prepare.evaluate_bpb(model, tok, 8)\nprint('val_bpb: 0.5')\n",
-    "writes the metrics file itself": (
-        "import json, os\nname = 'EVO_' + 'METRICS_' + 'PATH'\n"
-        "json.dump({'val_bpb': 0.5}, open(os.environ[name], 'w'))\nprint('val_bpb: 0.500000')\n"),
-    "forges a complete metrics file": (
-        "import json, os\nname = 'EVO_' + 'METRICS_' + 'PATH'\n"
-        "json.dump({'val_bpb': 0.5, 'val_loss': 1.0, 'eval_tokens': 512, 'eval_bytes': 2000, 'seq_len': 32,"
-        " 'data_fingerprint': 'x', 'eval_seconds': 1.0}, open(os.environ[name], 'w'))\n"),
-    "makes attention non-causal": (
-        "class Peek(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
-        "        self.t = torch.nn.Embedding(tok.vocab_size, tok.vocab_size)\n"
-        "    def forward(self, idx):\n        return self.t(torch.roll(idx, -1, dims=1))\n"
-        "prepare.evaluate_bpb(Peek(), tok, 8)\n"),
-    "reads the held-out split": "import numpy as np\nnp.fromfile(prepare.DATA_DIR + '/heldout.bin', dtype=np.uint16)\n",
-    "monkeypatches prepare": "prepare.evaluate_bpb = lambda *a: 0.5\nprint(prepare.evaluate_bpb(model, tok, 8))\n",
-    "monkeypatches through vars()": (
-        "vars(prepare)['_bpb_of_rows'] = lambda *a: (0.5, 0.3, 100, 100)\nprepare.evaluate_bpb(model, tok, 8)\n"),
-    "patches torch's loss": (
-        "import torch.nn.functional as F\nF.cross_entropy = lambda *a, **k: torch.zeros(1)\n"
-        "prepare.evaluate_bpb(model, tok, 8)\n"),
-}
-
-BASE = """
-import torch, prepare
-tok = prepare.get_tokenizer()
-model = torch.nn.Sequential(torch.nn.Embedding(tok.vocab_size, tok.vocab_size))
-"""
-
-
-@pytest.mark.parametrize("cheat", sorted(TAMPER))
-def test_tampering_is_caught_and_marked(small_data, cheat):
-    settings = RunSettings(time_budget=1, data_dir=str(small_data), seq_len=32, eval_tokens=512)
-    result = run_variant(BASE + TAMPER[cheat], settings)
-    assert result.status == "tampered", (cheat, result.status, result.reason, result.log_tail)
-    assert result.val_bpb is None and result.reason

@@ -34,11 +34,9 @@ def test_docstrings_may_mention_anything():
         ("import os\nos.environ.setdefault('EVO_DEVICE', 'cpu')", "EVO_"),
         ("import os\nos.putenv('EVO_SEED', '1')", "EVO_"),
         ("import os\nos.environ.update(EVO_SEED='3')", "EVO_"),
-        ("import os\nopen(os.environ['EVO_METRICS_PATH'], 'w')", "EVO_METRICS_PATH"),
-        ("open('metrics.json', 'w').write('{}')", "metrics.json"),
         ("import prepare\nprepare.evaluate_bpb = lambda *a: 0.5", "prepare.evaluate_bpb"),
         ("import prepare\nsetattr(prepare, 'evaluate_bpb', None)", "setattr"),
-        ("import prepare\nprepare._bpb_of_rows.__code__ = (lambda: 0).__code__", "__code__"),
+        ("import prepare\nprepare.score_rows.__code__ = (lambda: 0).__code__", "__code__"),
         ("import prepare\nprint(prepare.__file__)", "__file__"),
     ],
 )

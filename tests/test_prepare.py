@@ -60,27 +60,27 @@ def _hand_bpb(data_dir, logits: np.ndarray, seq_len: int, eval_tokens: int) -> f
 
 
 def test_bpb_equals_hand_computation(small_data, use_data):
-    metrics_path = use_data(small_data, seq_len=32, eval_tokens=2048)
+    use_data(small_data, seq_len=32, eval_tokens=2048)
     tok = prepare.get_tokenizer()
     model = ConstantLogits(tok.vocab_size)
-    got = prepare.evaluate_bpb(model, tok, batch_size=8)
     expected = _hand_bpb(small_data, model.logits.detach().double().numpy(), 32, 2048)
-    assert got == pytest.approx(expected, rel=1e-6)
-    written = json.loads(metrics_path.read_text())
-    assert written["val_bpb"] == got
-    assert written["eval_tokens"] > 1900
-    assert "heldout_bpb" not in written
+    scored = prepare.score_model(model, batch_size=8)
+    assert scored["bpb"] == pytest.approx(expected, rel=1e-6)
+    assert scored["tokens"] > 1900
+    # A batch size that does not divide the rows pads the last batch; padding is never scored.
+    assert prepare.score_model(model, batch_size=7)["bpb"] == pytest.approx(expected, rel=1e-6)
+    # Run by hand (no evo around it), evaluate_bpb scores by the same rules.
+    assert prepare.evaluate_bpb(model, tok, batch_size=8) == pytest.approx(expected, rel=1e-6)
 
 
 def test_uniform_model_scores_log2_vocab_per_token(small_data, use_data):
-    metrics_path = use_data(small_data, seq_len=32, eval_tokens=1024)
+    use_data(small_data, seq_len=32, eval_tokens=1024)
     tok = prepare.get_tokenizer()
     model = ConstantLogits(tok.vocab_size)
     with torch.no_grad():
         model.logits.zero_()
-    bpb = prepare.evaluate_bpb(model, tok, batch_size=4)
-    m = json.loads(metrics_path.read_text())
-    assert bpb == pytest.approx(m["eval_tokens"] * math.log2(tok.vocab_size) / m["eval_bytes"], rel=1e-6)
+    m = prepare.score_model(model, batch_size=4)
+    assert m["bpb"] == pytest.approx(m["tokens"] * math.log2(tok.vocab_size) / m["bytes"], rel=1e-6)
 
 
 def test_token_bytes_are_raw_bytes_not_decoded_text(small_data):
@@ -94,25 +94,63 @@ def test_token_bytes_are_raw_bytes_not_decoded_text(small_data):
     assert int(tok.token_bytes[tok.bos_id]) == 0
 
 
-def test_heldout_scored_only_on_request_and_never_printed(small_data, use_data, capsys):
-    metrics_path = use_data(small_data, seq_len=32, eval_tokens=1024, heldout=True)
+def test_heldout_is_a_different_split_and_a_standalone_run_scores_val_only(small_data, use_data, capsys):
+    use_data(small_data, seq_len=32, eval_tokens=1024)
     tok = prepare.get_tokenizer()
-    prepare.evaluate_bpb(ConstantLogits(tok.vocab_size), tok, batch_size=4)
-    written = json.loads(metrics_path.read_text())
-    assert math.isfinite(written["heldout_bpb"])
-    assert written["heldout_bpb"] != written["val_bpb"]
+    model = ConstantLogits(tok.vocab_size)
+    val = prepare.score_model(model, 4, "val")["bpb"]
+    held = prepare.score_model(model, 4, "heldout")["bpb"]
+    assert math.isfinite(held) and held != val
+    assert prepare.evaluate_bpb(model, tok, batch_size=4) == pytest.approx(val)
     out = capsys.readouterr()
-    assert str(written["heldout_bpb"])[:6] not in out.out + out.err
+    assert f"{held:.4f}" not in out.out + out.err
 
 
-def test_model_that_sees_the_future_is_caught(small_data, use_data):
-    metrics_path = use_data(small_data, seq_len=32, eval_tokens=1024)
+class PeeksInSecondHalf(torch.nn.Module):
+    """Causal for the first half of every window, reads the next token in the second half."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, idx):
+        T = idx.shape[1]
+        ahead = torch.cat([idx[:, 1:], idx[:, -1:]], dim=1)
+        mixed = torch.cat([idx[:, : T // 2], ahead[:, T // 2 :]], dim=1)
+        return self.embed(mixed)
+
+
+class ReadsOtherRows(torch.nn.Module):
+    """Causal within a row, but each position also sees the batch's mean token: rows leak into each other."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, idx):
+        return self.embed(idx) + idx.float().mean(dim=0, keepdim=True)[..., None] * 1e-2
+
+
+@pytest.mark.parametrize("cheat", [PeeksAhead, PeeksInSecondHalf, ReadsOtherRows])
+def test_models_that_see_the_future_or_other_rows_are_caught(small_data, use_data, cheat):
+    import random
+
+    use_data(small_data, seq_len=32, eval_tokens=1024)
     tok = prepare.get_tokenizer()
-    with pytest.raises(prepare.CausalityViolation):
-        prepare.evaluate_bpb(PeeksAhead(tok.vocab_size), tok, batch_size=4)
-    written = json.loads(metrics_path.read_text())
-    assert "non-causal" in written["tampered"]
-    assert "val_bpb" not in written
+    with pytest.raises(prepare.CausalityViolation, match="non-causal"):
+        prepare.score_model(cheat(tok.vocab_size), batch_size=4, rng=random.Random(0))
+
+
+def test_a_causal_model_passes_the_probe_with_any_plan(small_data, use_data):
+    import random
+
+    use_data(small_data, seq_len=32, eval_tokens=1024)
+    tok = prepare.get_tokenizer()
+    model = torch.nn.Embedding(tok.vocab_size, tok.vocab_size)
+    plain = prepare.score_model(model, batch_size=4)["bpb"]
+    for seed in range(5):
+        probed = prepare.score_model(model, batch_size=4, rng=random.Random(seed))
+        assert probed["bpb"] == pytest.approx(plain) and probed["probed_rows"] >= 2
 
 
 def test_splits_are_disjoint_and_hold_every_document(tmp_path):
@@ -167,6 +205,27 @@ def test_fingerprint_is_stable_and_changes_with_the_data(tmp_path):
     assert changed["fingerprint"] != first["fingerprint"]
 
 
+@pytest.mark.parametrize("damage", ["tokenizer.json", "val.bin"])
+def test_a_damaged_data_directory_is_an_error_that_says_how_to_rebuild(small_data, tmp_path, damage):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)
+    assert prepare.verify(data)["fingerprint"] == prepare.read_meta(str(small_data))["fingerprint"]
+    with open(data / damage, "r+b") as f:
+        f.seek(40)
+        f.write(b"\x00\x01")
+    with pytest.raises(prepare.PrepareError, match="changed after it was prepared") as caught:
+        prepare.verify(data)
+    assert f"evo prepare --force --data-dir {data}" in str(caught.value)
+    settings = prepare.PrepareSettings(**prepare.read_meta(str(data))["settings"])
+    with pytest.raises(prepare.PrepareError, match="--force"):  # evo prepare never reuses a damaged cache
+        prepare.build(settings, data)
+    (data / damage).unlink()
+    with pytest.raises(prepare.PrepareError, match="cannot be read"):
+        prepare.verify(data)
+
+
 def test_jsonl_and_parquet_sources(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -182,7 +241,7 @@ def test_jsonl_and_parquet_sources(tmp_path):
     assert sum(s["documents"] for s in meta["splits"].values()) == 300
 
 
-def test_dataloader_is_deterministic_per_seed_and_never_serves_heldout(small_data, use_data, monkeypatch):
+def test_dataloader_is_deterministic_per_seed_and_serves_train_only(small_data, use_data, monkeypatch):
     use_data(small_data)
     tok = prepare.get_tokenizer()
     monkeypatch.setattr(prepare, "SEED", 1)
@@ -193,8 +252,9 @@ def test_dataloader_is_deterministic_per_seed_and_never_serves_heldout(small_dat
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
     assert torch.equal(a[0][:, 1:], a[1][:, :-1])  # y is x shifted by one
-    with pytest.raises(ValueError, match="heldout"):
-        next(prepare.make_dataloader(tok, 4, 16, "heldout"))
+    for split in ("val", "heldout"):
+        with pytest.raises(ValueError, match="train split only"):
+            next(prepare.make_dataloader(tok, 4, 16, split))
 
 
 def _prepare_cli(*args, env=None, timeout=60):

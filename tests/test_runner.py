@@ -1,4 +1,4 @@
-"""The runner: one variant, one isolated child process, one plain result record."""
+"""The runner: one variant, a sandboxed training process, a hand-over, a score from the evaluator."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import alive, run_processes
-from trainer import processes
+from tests.procs import marked_processes, run_processes
+from trainer import sandbox
 from trainer.runner import PrepareChanged, RunSettings, run_variant
 
-# A variant that trains nothing: a bigram table, scored by the real evaluate_bpb.
+# A variant that trains nothing: a bigram table, scored by the real evaluator.
 TINY_MODEL = """
 import torch, prepare
 tok = prepare.get_tokenizer()
@@ -27,6 +27,11 @@ class Bigram(torch.nn.Module):
         return self.table(idx)
 model = Bigram()
 """
+SCORE = "print(f'val_bpb: {prepare.evaluate_bpb(model, tok, 8):.6f}')\n"
+
+needs_sandbox = pytest.mark.skipif(
+    sandbox.probe() is not None and os.environ.get("EVO_REQUIRE_SANDBOX") != "1",
+    reason=f"bubblewrap is not usable here: {sandbox.probe()}")
 
 
 def settings(data_dir, **overrides) -> RunSettings:
@@ -35,23 +40,46 @@ def settings(data_dir, **overrides) -> RunSettings:
     return RunSettings(**{**base, **overrides})
 
 
-def test_ok_run_records_metrics_log_and_files(small_data, tmp_path):
-    code = TINY_MODEL + "print(f'val_bpb: {prepare.evaluate_bpb(model, tok, 8):.6f}')\n"
-    result = run_variant(code, settings(small_data), run_dir=tmp_path / "v1")
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_ok_run_records_metrics_log_and_files(small_data, tmp_path, mode):
+    result = run_variant(TINY_MODEL + SCORE, settings(small_data, sandbox=mode), run_dir=tmp_path / "v1")
     assert result.status == "ok", result.log_tail
-    assert result.val_bpb == pytest.approx(result.printed_val_bpb, abs=1e-6)
+    assert result.sealed and result.metrics["sealed"] is True
+    assert result.sandbox == ("none" if mode == "none" else ("bubblewrap" if sandbox.probe() is None else "none"))
     assert result.metrics["eval_tokens"] > 900 and result.metrics["seq_len"] == 32
-    assert result.wall_seconds > 0 and result.peak_memory_mb > 50
-    assert "val_bpb:" in result.log_tail
-    for name in ("train.py", "log.txt", "metrics.json", "result.json"):
-        assert (tmp_path / "v1" / name).is_file()
-    assert json.loads((tmp_path / "v1" / "result.json").read_text())["status"] == "ok"
+    assert result.metrics["probed_rows"] >= 1
+    assert f"val_bpb: {result.val_bpb:.6f}" in result.log_tail  # the variant got the evaluator's number back
+    assert 0 < result.train_seconds < result.wall_seconds and result.peak_memory_mb > 50
+    for name in ("train.py", "log.txt", "metrics.json", "result.json", "work/train.py", "work/model.evomodel"):
+        assert (tmp_path / "v1" / name).is_file(), name
+    record = json.loads((tmp_path / "v1" / "result.json").read_text())
+    assert record["status"] == "ok" and record["run_token"] and record["code_sha256"]
 
 
-def test_printed_val_bpb_that_disagrees_is_tampered(small_data):
-    code = TINY_MODEL + "prepare.evaluate_bpb(model, tok, 8)\nprint('val_bpb: 0.123456')\n"
+def test_in_process_evaluation_is_marked_unsealed(small_data, tmp_path):
+    sealed = run_variant(TINY_MODEL + SCORE, settings(small_data), run_dir=tmp_path / "a")
+    unsealed = run_variant(TINY_MODEL + SCORE, settings(small_data, evaluation="in_process", heldout=True), run_dir=tmp_path / "b")
+    assert unsealed.status == "ok", unsealed.log_tail
+    assert not unsealed.sealed and unsealed.metrics["sealed"] is False
+    assert unsealed.val_bpb == pytest.approx(sealed.val_bpb, rel=1e-6)  # same rules, same number
+    assert "heldout_bpb" in unsealed.metrics
+
+
+def test_a_model_that_cannot_be_exported_is_export_failed_with_a_short_reason(small_data):
+    code = TINY_MODEL + textwrap.dedent("""
+        class Branchy(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.table = torch.nn.Embedding(tok.vocab_size, tok.vocab_size)
+            def forward(self, idx):
+                if self.table(idx).sum() > 0:  # data-dependent Python control flow
+                    return self.table(idx)
+                return -self.table(idx)
+        prepare.evaluate_bpb(Branchy(), tok, 8)
+    """)
     result = run_variant(code, settings(small_data))
-    assert result.status == "tampered" and "printed val_bpb 0.123456" in result.reason
+    assert result.status == "export_failed", (result.status, result.reason)
+    assert 0 < len(result.reason) < 1500 and "\n\n\n" not in result.reason
 
 
 def test_non_causal_model_is_tampered(small_data):
@@ -75,7 +103,7 @@ def test_non_causal_model_is_tampered(small_data):
         ("import numpy_that_does_not_exist\n", "import", "ModuleNotFoundError"),
         ("raise ValueError('boom')\n", "crash", "ValueError"),
         ("import sys\nprint('FAIL: loss nan at step 3')\nsys.exit(1)\n", "nan", "NaN"),
-        ("print('trained, but forgot to evaluate')\n", "no_metrics", "without prepare.evaluate_bpb"),
+        ("print('trained, but forgot to evaluate')\n", "no_metrics", "without handing a model over"),
         ("open('/x/heldout.bin')\n", "tampered", "held-out"),
     ],
 )
@@ -85,11 +113,16 @@ def test_failures_are_statuses_not_exceptions(small_data, code, status, reason):
     assert reason in result.reason
 
 
-@pytest.mark.parametrize("vandalism", ["open(__file__, 'w').write('X = 1\\n')", "import os; os.remove(__file__)"])
-def test_a_variant_that_rewrites_its_own_code_is_tampered_and_the_code_restored(small_data, tmp_path, vandalism):
-    """The engine keeps each variant's code in its train.py, so the file must outlive the run."""
-    code = TINY_MODEL + vandalism + "\nprint(f'val_bpb: {prepare.evaluate_bpb(model, tok, 8):.6f}')\n"
+def test_rewriting_its_working_copy_is_harmless_and_the_engines_copy_stays(small_data, tmp_path):
+    code = TINY_MODEL + "open(__file__, 'w').write('X = 1\\n')\n" + SCORE
     result = run_variant(code, settings(small_data), run_dir=tmp_path / "v")
+    assert result.status == "ok", result.reason
+    assert (tmp_path / "v" / "train.py").read_text() == code
+
+
+def test_unsandboxed_a_variant_that_rewrites_the_engines_copy_is_tampered_and_it_is_restored(small_data, tmp_path):
+    code = TINY_MODEL + "open('../' + 'train.py', 'w').write('X = 1\\n')\n" + SCORE
+    result = run_variant(code, settings(small_data, sandbox="none"), run_dir=tmp_path / "v")
     assert result.status == "tampered" and "its own train.py" in result.reason
     assert (tmp_path / "v" / "train.py").read_text() == code
 
@@ -97,91 +130,106 @@ def test_a_variant_that_rewrites_its_own_code_is_tampered_and_the_code_restored(
 def test_precheck_refusal_runs_nothing(small_data, tmp_path):
     marker = tmp_path / "ran"
     code = f"open({str(marker)!r}, 'w').write('x')\nopen('prepare.py', 'w')\n"
-    result = run_variant(code, settings(small_data), run_dir=tmp_path / "v")
+    result = run_variant(code, settings(small_data, sandbox="none"), run_dir=tmp_path / "v")
     assert result.status == "tampered" and result.returncode is None
     assert not marker.exists()
 
 
-def test_secrets_never_reach_the_variant(small_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_secrets_never_reach_the_variant(small_data, tmp_path, monkeypatch, mode):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-secret")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
     monkeypatch.setenv("HF_TOKEN", "hf-secret")
     code = "import os, json\nprint(json.dumps(dict(os.environ)))\n"
-    result = run_variant(code, settings(small_data, seed=7, gpu=3, threads=1), run_dir=tmp_path / "v")
+    result = run_variant(code, settings(small_data, seed=7, gpu=3, threads=1, sandbox=mode), run_dir=tmp_path / "v")
     env = json.loads((tmp_path / "v" / "log.txt").read_text().splitlines()[0])
     for secret in ("OPENAI_API_KEY", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"):
         assert secret not in env
-    assert "secret" not in (tmp_path / "v" / "log.txt").read_text()
+    log = (tmp_path / "v" / "log.txt").read_text()
+    assert not any(value in log for value in ("sk-test-secret", "aws-secret", "hf-secret"))
     assert env["EVO_SEED"] == "7" and env["EVO_DATA_DIR"] == str(small_data)
     assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["OMP_NUM_THREADS"] == "1"
-    assert float(env["EVO_TIME_BUDGET"]) == 1.0 and env["EVO_HELDOUT"] == "0"
-    assert not env["EVO_METRICS_PATH"].startswith(str(tmp_path))  # outside the variant's folder
+    assert float(env["EVO_TIME_BUDGET"]) == 1.0
     assert result.status == "no_metrics"
 
 
-FORKER = """
+# A fork in the variant's process group and a daemon in a new session; both carry MARKER in
+# their command line, so the test can find them from outside whatever PID namespace they are in.
+FAMILY = """
 import os, subprocess, sys, time
-# A grandchild in the same process group, and one that leaves it with setsid.
 if os.fork() == 0:
-    time.sleep(1000)
-    os._exit(0)
-daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"], start_new_session=True)
-with open(PIDS, "w") as f:
-    f.write(f"{os.getpid()} {daemon.pid}")
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(1000)", "MARKER"])
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)", "MARKER"], start_new_session=True, env=ENV)
 time.sleep(WAIT)
 """
 
 
-def _grandchildren(pid_file: Path) -> list[int]:
-    """The variant's children: the forked sleeper and the setsid daemon."""
-    me, daemon = map(int, pid_file.read_text().split())
-    kids = {int(p) for p in os.listdir("/proc") if p.isdigit() and alive(int(p))
-            and (processes._stat_fields(p) or [None, None])[1] == str(me)}
-    assert daemon in kids
-    return sorted(kids)
+def _family_code(marker: str, wait: float, clean_env: bool) -> str:
+    return FAMILY.replace("MARKER", marker).replace("WAIT", str(wait)).replace("ENV", "{}" if clean_env else "None")
 
 
-def test_timeout_kills_the_whole_family(small_data, tmp_path):
-    pid_file = tmp_path / "pids"
-    code = FORKER.replace("PIDS", repr(str(pid_file))).replace("WAIT", "1000")
-    # Note the family before the deadline so the test knows whom to look for afterwards.
-    result_holder = {}
-    thread = threading.Thread(target=lambda: result_holder.update(
-        r=run_variant(code, settings(small_data, time_budget=2.0, startup_grace=1.0, eval_grace=0.0))))
+def _wait_for(predicate, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_over_budget_kills_the_whole_family(small_data, tmp_path, mode):
+    marker = f"evo-test-family-{tmp_path.name}"
+    code = _family_code(marker, 1000, clean_env=False)
+    holder = {}
+    thread = threading.Thread(target=lambda: holder.update(
+        r=run_variant(code, settings(small_data, time_budget=2.0, startup_grace=1.0, sandbox=mode))))
     thread.start()
-    for _ in range(100):
-        if pid_file.exists() and pid_file.read_text().strip():
-            break
-        time.sleep(0.05)
-    time.sleep(0.3)
-    family = _grandchildren(pid_file)
-    assert len(family) == 2 and all(alive(p) for p in family)
-    thread.join(timeout=30)
-    result = result_holder["r"]
-    assert result.status == "timeout" and "still running after 3s" in result.reason
-    time.sleep(0.2)
-    assert not any(alive(p) for p in family)
+    assert _wait_for(lambda: len(marked_processes(marker)) == 2), "the variant's children never appeared"
+    thread.join(timeout=60)
+    result = holder["r"]
+    assert result.status == "over_budget" and "budget + allowance" in result.reason
+    assert _wait_for(lambda: not marked_processes(marker), 5)
     assert not run_processes()
 
 
-def test_leftovers_die_even_when_the_variant_exits_cleanly(small_data, tmp_path):
-    pid_file = tmp_path / "pids"
-    code = FORKER.replace("PIDS", repr(str(pid_file))).replace("WAIT", "0.5")
-    result = run_variant(code, settings(small_data))
+@needs_sandbox
+def test_a_daemon_with_a_clean_environment_dies_with_the_sandbox(small_data, tmp_path):
+    marker = f"evo-test-daemon-{tmp_path.name}"
+    result = run_variant(_family_code(marker, 0.5, clean_env=True), settings(small_data))
+    assert result.status == "no_metrics" and result.sandbox == "bubblewrap"
+    assert _wait_for(lambda: not marked_processes(marker), 5), marked_processes(marker)
+
+
+def test_leftovers_die_even_when_the_variant_exits_cleanly_unsandboxed(small_data, tmp_path):
+    marker = f"evo-test-leftover-{tmp_path.name}"
+    result = run_variant(_family_code(marker, 0.5, clean_env=False), settings(small_data, sandbox="none"))
     assert result.status == "no_metrics"
-    _, daemon = map(int, pid_file.read_text().split())
-    time.sleep(0.2)
-    assert not alive(daemon)
+    assert _wait_for(lambda: not marked_processes(marker), 5)
     assert not run_processes()
 
 
-def test_memory_limit_gives_oom(small_data):
+@pytest.mark.parametrize("mode", ["auto", "none"])
+def test_memory_limit_gives_oom(small_data, mode):
     code = "import time\nblock = bytearray(600 * 2**20)\nblock[::4096] = b'x' * len(block[::4096])\ntime.sleep(30)\n"
-    result = run_variant(code, settings(small_data, memory_limit_mb=300))
+    result = run_variant(code, settings(small_data, memory_limit_mb=300, sandbox=mode))
     assert result.status == "oom" and "300 MB" in result.reason
-    assert result.peak_memory_mb > 300 and result.wall_seconds < 20
+    assert result.peak_memory_mb > 300 and result.wall_seconds < 25
 
 
 def test_changed_prepare_stops_the_engine_not_the_variant(small_data):
     with pytest.raises(PrepareChanged, match="changed since the run started"):
         run_variant("print(1)\n", settings(small_data, expected_prepare_hash="0" * 64))
+
+
+def test_a_second_hand_over_gets_the_same_answer(small_data):
+    code = TINY_MODEL + "a = prepare.evaluate_bpb(model, tok, 8)\nb = prepare.evaluate_bpb(model, tok, 8)\nassert a == b, (a, b)\n"
+    result = run_variant(code, settings(small_data))
+    assert result.status == "ok" and result.returncode == 0, result.log_tail
+
+
+def test_the_variant_folder_is_the_only_one_written(small_data, tmp_path):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    run_variant(TINY_MODEL + SCORE, settings(small_data), run_dir=tmp_path / "v")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["v"])
+    assert Path(small_data, "meta.json").is_file()

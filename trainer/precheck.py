@@ -1,8 +1,8 @@
-"""Static checks on a variant before any process starts.
+"""Static checks on a variant before any process starts: an accident detector, not a boundary.
 
 Cheap and conservative: a variant that fails here never runs. It catches syntax errors and the
-obvious ways to cheat the evaluation (touching prepare.py or its functions, the held-out split,
-the metrics channel, or evo's own settings). The runner's run-time checks catch the rest.
+obvious attempts at cheating (touching prepare.py or its functions, the held-out split, evo's own
+settings) early and with a clear reason. The boundary is elsewhere: the sandbox and the evaluator.
 """
 
 from __future__ import annotations
@@ -64,10 +64,6 @@ def precheck(code: str, filename: str = "train.py") -> Refusal | None:
             return _refusal(node, "mentions the held-out split; variants never read it")
         if "prepare.py" in text:
             return _refusal(node, "names prepare.py; variants must not read or write it")
-        if "EVO_METRICS_PATH" in text:
-            return _refusal(node, "names EVO_METRICS_PATH; only prepare.evaluate_bpb writes metrics")
-        if "metrics.json" in text:
-            return _refusal(node, "names metrics.json; only prepare.evaluate_bpb writes metrics")
 
     for node in ast.walk(tree):
         # prepare.anything = ... / del prepare.anything / setattr(prepare, ...): monkeypatching.

@@ -1,12 +1,20 @@
-"""Run one variant in isolation and return a plain result record.
+"""Run one variant: sandboxed training, a hand-over, a score from the evaluator, a plain record.
 
-One evaluation is one child process: its own session and process group, a fresh directory as
-cwd, an environment built from an allow-list (no API keys reach it), output to a log file, and a
-hard deadline after which everything it started is killed. The number that counts is the one
-`prepare.evaluate_bpb` wrote to the metrics file; the printed `val_bpb:` is only cross-checked.
+One evaluation, in phases, each on the runner's own clock:
+  start-up   the launcher imports torch and prepare (not charged) and says "started";
+  training   the variant's own code, until evaluate_bpb hands the model over; past
+             budget + startup_grace it is killed (`over_budget`);
+  scoring    the evaluator (a separate process) scores the handed-over file within eval_grace
+             and the score is sent back to the variant, which may print it;
+  exit       a short grace for the variant to print and exit, then everything is killed.
+The training process runs in the sandbox (trainer/sandbox.py) when bubblewrap works here, with
+its stdout/stderr going to a size-capped log the runner writes, and its memory summed over every
+process it started. Everything the runner keeps for the engine (train.py, log.txt, result.json,
+metrics.json) lives in the variant's folder, outside `work/`, the only folder it may write.
 
 The runner never raises for a variant's failure: that is data (the result's status). It raises
-only when the evaluation itself cannot be trusted any more (prepare.py changed under it).
+only when no evaluation can be trusted any more (prepare.py or the data changed under it) or the
+caller cancelled.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ import json
 import math
 import os
 import re
+import select
 import shutil
 import signal
-import subprocess
+import socket
 import sys
 import tempfile
 import threading
@@ -28,30 +37,38 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import prepare
+from trainer import processes, sandbox
+from trainer.evaluator import Evaluator
+from trainer.files import write_atomic
 from trainer.precheck import precheck
-from trainer import processes
 
-STATUSES = ("ok", "syntax", "import", "crash", "nan", "timeout", "oom", "no_metrics", "tampered")
-
-# Variables a variant may inherit from the engine's environment. Everything else (API keys,
-# cloud credentials, tokens) is dropped. OPENBLAS_* matter for correctness on some CPUs.
-ENV_ALLOW_LIST = (
-    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
-    "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH", "NVIDIA_DRIVER_CAPABILITIES",
-    "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "XDG_CACHE_HOME",
-    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
-)
+STATUSES = ("ok", "syntax", "import", "crash", "nan", "timeout", "over_budget", "oom", "export_failed",
+            "no_metrics", "tampered")
 
 POLL_SECONDS = 0.2
-LOG_TAIL_LINES = 40
+EXIT_GRACE = 30.0  # after the score is back, for printing a summary and exiting
+MESSAGE_LIMIT = 64 * 1024  # bytes of one hand-over message; longer lines are dropped
+_WARNED: set[str] = set()
 
 
 class RunCancelled(Exception):
     """The caller asked the run to stop (Ctrl-C); its processes are dead, no result is recorded."""
 
 
-class PrepareChanged(RuntimeError):
-    """prepare.py is not the file the run started with: no evaluation can be trusted now."""
+class EvaluationUntrusted(RuntimeError):
+    """Something every evaluation depends on changed: no score can be compared with earlier ones."""
+
+
+class PrepareChanged(EvaluationUntrusted):
+    """prepare.py is not the file the run started with."""
+
+
+class DataChanged(EvaluationUntrusted):
+    """The data directory is not the data the run started with."""
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox was required (evaluation.sandbox: bubblewrap) but cannot be built here."""
 
 
 @dataclass
@@ -65,14 +82,18 @@ class RunSettings:
     heldout: bool = False
     seq_len: int = prepare.DEFAULT_SEQ_LEN
     eval_tokens: int = prepare.DEFAULT_EVAL_TOKENS
-    startup_grace: float = 60.0  # imports, data, compile warm-up before training starts
-    eval_grace: float = 60.0  # final evaluation after the budget is spent
-    memory_limit_mb: float | None = None  # resident memory of the whole process group
+    startup_grace: float = 60.0  # the allowance: training may run this long past the budget (compile, export)
+    eval_grace: float = 60.0  # scoring the handed-over model
+    memory_limit_mb: float | None = None  # everything the variant's processes hold (PSS, private tmpfs)
     expected_prepare_hash: str | None = None  # None: the hash of prepare.py right now
+    data_fingerprint: str | None = None  # None: what meta.json says now
+    evaluation: str = "sealed"  # "sealed" (the evaluator scores a handed-over graph) or "in_process"
+    sandbox: str = "auto"  # "auto", "bubblewrap" (required) or "none"
+    max_model_mb: float = 16384.0  # a handed-over file above this is refused
 
     @property
-    def deadline_seconds(self) -> float:
-        return self.time_budget + self.startup_grace + self.eval_grace
+    def training_limit(self) -> float:
+        return self.time_budget + self.startup_grace
 
 
 @dataclass
@@ -81,11 +102,15 @@ class RunResult:
     reason: str = ""
     metrics: dict = field(default_factory=dict)
     wall_seconds: float = 0.0
+    train_seconds: float | None = None  # the runner's clock: the variant's first line to its hand-over
     peak_memory_mb: float = 0.0
     returncode: int | None = None
-    printed_val_bpb: float | None = None
     log_tail: str = ""
     run_dir: str = ""
+    sealed: bool = True  # the score came from the evaluator, not from the variant's own process
+    sandbox: str = "none"  # "bubblewrap" or "none"
+    run_token: str = ""  # ties result.json to the evaluation that wrote it
+    code_sha256: str = ""
 
     @property
     def val_bpb(self) -> float | None:
@@ -99,50 +124,48 @@ def prepare_hash() -> str:
     return hashlib.sha256(Path(prepare.__file__).read_bytes()).hexdigest()
 
 
-def child_environment(settings: RunSettings, metrics_path: str, run_token: str) -> dict[str, str]:
-    env = {k: os.environ[k] for k in ENV_ALLOW_LIST if k in os.environ}
+def code_sha256(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def use_sandbox(mode: str, warn=None) -> bool:
+    """Whether to sandbox; with mode auto and no bubblewrap, say so once, plainly, and go on without."""
+    if mode == "none":
+        return False
+    problem = sandbox.probe()
+    if problem is None:
+        return True
+    if mode == "bubblewrap":
+        raise SandboxUnavailable(f"{problem}. Or set evaluation.sandbox: none to run variants unsandboxed.")
+    if problem not in _WARNED:
+        _WARNED.add(problem)
+        (warn or (lambda line: print(line, file=sys.stderr)))(
+            f"evo: warning: variants run WITHOUT a sandbox: {problem}. Unsandboxed, a variant can read your "
+            "files and the held-out split, reach the network and write outside its folder; its score still "
+            "comes from the evaluator. Every result records sandbox: none.")
+    return False
+
+
+def child_environment(settings: RunSettings, run_token: str, sandboxed: bool, work: Path, fd: int) -> dict[str, str]:
+    env = processes.base_environment(settings.gpu, settings.threads)
     env.update(
+        HOME="/tmp" if sandboxed else str(work),
         EVO_TIME_BUDGET=repr(float(settings.time_budget)),
         EVO_SEED=str(settings.seed),
         EVO_DATA_DIR=str(settings.data_dir),
         EVO_DEVICE=settings.device,
-        EVO_METRICS_PATH=metrics_path,
-        EVO_HELDOUT="1" if settings.heldout else "0",
         EVO_SEQ_LEN=str(settings.seq_len),
         EVO_EVAL_TOKENS=str(settings.eval_tokens),
-        EVO_RUN_TOKEN=run_token,  # inherited by every descendant: how the sweep finds them
-        PYTHONUNBUFFERED="1",  # the log tail is current when the run is killed
-        PYTHONSAFEPATH="1",  # a prepare.py dropped next to train.py is never imported
-        PYTHONDONTWRITEBYTECODE="1",
+        EVO_HANDOVER_FD=str(fd),
+        EVO_EVALUATION=settings.evaluation,
+        EVO_HELDOUT="1" if settings.heldout and settings.evaluation == "in_process" else "0",
+        EVO_SANDBOX="bubblewrap" if sandboxed else "none",
+        EVO_RUN_TOKEN=run_token,  # unsandboxed, how the sweep finds descendants
     )
-    if settings.gpu is not None:
-        env["CUDA_VISIBLE_DEVICES"] = str(settings.gpu)
-    if settings.threads:
-        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            env[name] = str(settings.threads)
     return env
 
 
-_PRINTED_BPB = re.compile(r"^val_bpb:\s*(\S+)\s*$", re.MULTILINE)
 _EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit))\b", re.MULTILINE)
-
-
-def _tail(log_path: Path) -> str:
-    with open(log_path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 64 * 1024))
-        lines = f.read().decode("utf-8", "replace").splitlines()
-    return "\n".join(lines[-LOG_TAIL_LINES:])
-
-
-def _printed_val_bpb(log_text: str) -> float | None:
-    found = _PRINTED_BPB.findall(log_text)
-    if not found:
-        return None
-    try:
-        return float(found[-1])
-    except ValueError:
-        return math.nan
 
 
 def classify_failure(returncode: int, log_tail: str) -> tuple[str, str]:
@@ -156,144 +179,242 @@ def classify_failure(returncode: int, log_tail: str) -> tuple[str, str]:
         return "oom", last or "out of memory"
     if re.search(r"^FAIL\b", log_tail, re.MULTILINE):
         return "nan", "training loss was NaN or exploded"
-    if returncode == -signal.SIGKILL:
+    if returncode in (-signal.SIGKILL, 128 + signal.SIGKILL):
         return "oom", "killed by SIGKILL from outside (usually the kernel's out-of-memory killer)"
     if last:
         return "crash", last
     return "crash", f"exit code {returncode}"
 
 
-def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = None,
-                run_token: str | None = None, cancel: threading.Event | None = None) -> RunResult:
+def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = None, run_token: str | None = None,
+                cancel: threading.Event | None = None, evaluator: Evaluator | None = None) -> RunResult:
     """Evaluate one variant; every failure of the variant comes back as a status, not an exception.
 
-    run_token tags every process of the run (a caller that records it can sweep leftovers after
-    its own crash); setting `cancel` kills the run and raises RunCancelled.
+    `evaluator` is the worker's warm evaluator (one is started and closed here when None);
+    run_token tags the run's processes; setting `cancel` kills the run and raises RunCancelled.
     """
     expected = settings.expected_prepare_hash or prepare_hash()
     if prepare_hash() != expected:
-        raise PrepareChanged(
-            f"{prepare.__file__} changed since the run started; evaluations are no longer comparable. "
-            "Restore it (git checkout prepare.py) and resume."
-        )
+        raise PrepareChanged(f"{prepare.__file__} changed since the run started; evaluations are no longer "
+                             "comparable. Restore it (git checkout prepare.py) and resume.")
     run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="evo-run-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     _place_code(run_dir / "train.py", code)
-    log_path = run_dir / "log.txt"
+    run_token = run_token or uuid.uuid4().hex
+    stamp = {"run_dir": str(run_dir), "run_token": run_token, "code_sha256": code_sha256(code)}
 
     refusal = precheck(code)
     if refusal is not None:
-        log_path.write_text(f"refused before running: {refusal.reason}\n")
-        return _finish(run_dir, RunResult(status=refusal.status, reason=refusal.reason, run_dir=str(run_dir)))
+        (run_dir / "log.txt").write_text(f"refused before running: {refusal.reason}\n")
+        return _finish(run_dir, RunResult(status=refusal.status, reason=refusal.reason, **stamp))
 
-    # The metrics file lives outside the variant's directory, at a path it is not told about
-    # except through the environment prepare reads.
-    private = Path(tempfile.mkdtemp(prefix="evo-metrics-"))
-    metrics_path = private / f"{uuid.uuid4().hex}.json"
-    run_token = run_token or uuid.uuid4().hex
-    env = child_environment(settings, str(metrics_path), run_token)
-
-    started = time.monotonic()
-    with open(log_path, "wb") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-c", processes.LAUNCHER, "train.py"],
-            cwd=run_dir, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-    killed_for = None
-    peak_mb = 0.0
+    sandboxed = use_sandbox(settings.sandbox)
+    own_evaluator = evaluator is None and settings.evaluation == "sealed"
+    if own_evaluator:
+        evaluator = Evaluator(settings.device, settings.gpu, settings.threads, sandboxed)
     try:
-        while True:
-            returncode, child_peak_mb = processes.poll_with_peak(child)
-            if returncode is not None:
-                peak_mb = max(peak_mb, child_peak_mb)
-                break
-            peak_mb = max(peak_mb, processes.group_rss_mb(child.pid))
-            if time.monotonic() - started > settings.deadline_seconds:
-                killed_for = "timeout"
-                break
-            if settings.memory_limit_mb and peak_mb > settings.memory_limit_mb:
-                killed_for = "oom"
-                break
-            if cancel is not None and cancel.is_set():
-                killed_for = "cancelled"
-                break
-            time.sleep(POLL_SECONDS)
+        result = _Evaluation(code, settings, run_dir, run_token, cancel, evaluator, sandboxed).run()
     finally:
-        # Always, even after a clean exit: the group first, then anything that left the group
-        # (setsid) but still carries the run's token.
-        processes.kill_group(child.pid)
-        if child.returncode is None:
-            child.wait()
-        processes.kill_by_token(run_token)
-    wall = time.monotonic() - started
-    code_intact = _code_intact(run_dir / "train.py", code)
-    if not code_intact:  # the engine keeps the variant's code in this file: put it back
+        if own_evaluator:
+            evaluator.close()
+    result.run_token, result.code_sha256 = run_token, stamp["code_sha256"]
+    if not _code_intact(run_dir / "train.py", code):  # only reachable unsandboxed
         _write_code(run_dir / "train.py", code)
-    if killed_for == "cancelled":
-        shutil.rmtree(private, ignore_errors=True)
-        raise RunCancelled(str(run_dir))
-
-    result = RunResult(status="ok", wall_seconds=round(wall, 3), peak_memory_mb=round(peak_mb, 1),
-                       returncode=child.returncode, run_dir=str(run_dir))
-    result.log_tail = _tail(log_path)
-    log_text = log_path.read_text(errors="replace")
-    result.printed_val_bpb = _printed_val_bpb(log_text)
-    if metrics_path.is_file():
-        try:
-            result.metrics = json.loads(metrics_path.read_text())
-        except json.JSONDecodeError:
-            result.metrics = {}
-        shutil.copyfile(metrics_path, run_dir / "metrics.json")
-    shutil.rmtree(private, ignore_errors=True)
-
-    _classify(result, killed_for, settings)
-    if not code_intact:
         result.status, result.reason = "tampered", "the variant changed or removed its own train.py"
     if prepare_hash() != expected:
         result.status, result.reason = "tampered", "prepare.py changed during the run"
     return _finish(run_dir, result)
 
 
-def _classify(result: RunResult, killed_for: str | None, settings: RunSettings) -> None:
-    if killed_for == "timeout":
-        result.status = "timeout"
-        result.reason = f"still running after {settings.deadline_seconds:.0f}s (budget + start-up and eval grace)"
-    elif killed_for == "oom":
-        result.status = "oom"
-        result.reason = f"resident memory above the limit of {settings.memory_limit_mb:.0f} MB"
-    elif "tampered" in result.metrics:
-        result.status, result.reason = "tampered", result.metrics["tampered"]
-    elif result.returncode != 0:
-        result.status, result.reason = classify_failure(result.returncode, result.log_tail)
-    elif "val_bpb" not in result.metrics:
-        result.status, result.reason = "no_metrics", "exited 0 without prepare.evaluate_bpb writing metrics"
-    elif (problem := _metrics_problem(result.metrics, settings)) is not None:
-        result.status, result.reason = "tampered", f"metrics file not written by evaluate_bpb: {problem}"
-    elif not math.isfinite(result.metrics["val_bpb"]):
-        result.status, result.reason = "nan", "val_bpb is not finite"
-    elif result.printed_val_bpb is not None and not (abs(result.printed_val_bpb - result.metrics["val_bpb"]) <= 1e-5):
-        result.status = "tampered"
-        result.reason = f"printed val_bpb {result.printed_val_bpb} but evaluate_bpb measured {result.metrics['val_bpb']:.6f}"
+class _Evaluation:
+    """One run of one variant, from spawn to the last kill."""
 
+    def __init__(self, code: str, settings: RunSettings, run_dir: Path, token: str, cancel, evaluator, sandboxed: bool):
+        self.code, self.s, self.run_dir, self.token = code, settings, run_dir, token
+        self.cancel, self.evaluator, self.sandboxed = cancel, evaluator, sandboxed
+        self.work = run_dir / "work"
+        self.started_at = self.handover_at = self.scored_at = None
+        self.score: dict | None = None  # the evaluator's reply (or the in-process metrics)
+        self.export_failure: str | None = None
+        self.killed_for: tuple[str, str] | None = None
+        self.peak_mb = 0.0
+        self.buffer = b""
 
-_METRIC_KEYS = {"val_bpb", "val_loss", "eval_tokens", "eval_bytes", "seq_len", "data_fingerprint", "eval_seconds"}
+    def run(self) -> RunResult:
+        self._fresh_work_folder()
+        ours, theirs = socket.socketpair()
+        self.channel = ours
+        argv, info = self._command(theirs.fileno())
+        env = child_environment(self.s, self.token, self.sandboxed, self.work, theirs.fileno())
+        begun = time.monotonic()
+        self.child = processes.spawn(argv, cwd=self.work, env=env, pass_fds=(theirs.fileno(),) + ((info[1],) if info else ()))
+        theirs.close()
+        namespace_pid = None
+        if info:
+            os.close(info[1])
+            namespace_pid = sandbox.child_pid(info[0])
+        self.family = processes.Family(self.child.pid, self.token, namespace_pid)
+        self.log = processes.LogCapture(self.child.stdout, self.run_dir / "log.txt")
+        try:
+            self._watch(begun)
+        finally:
+            self.family.kill()
+            self.child.wait()
+            self.channel.close()
+        log_tail = "\n".join(self.log.finish().splitlines()[-40:])
+        if self.killed_for and self.killed_for[0] == "cancelled":
+            raise RunCancelled(str(self.run_dir))
+        result = RunResult(status="ok", wall_seconds=round(time.monotonic() - begun, 3), peak_memory_mb=round(self.peak_mb, 1),
+                           returncode=self.child.returncode, log_tail=log_tail, run_dir=str(self.run_dir),
+                           sealed=self.s.evaluation == "sealed", sandbox="bubblewrap" if self.sandboxed else "none")
+        if self.started_at is not None and self.handover_at is not None:
+            result.train_seconds = round(self.handover_at - self.started_at, 3)
+        self._classify(result)
+        return result
 
+    def _fresh_work_folder(self) -> None:
+        """work/ holds a copy of train.py and whatever the variant writes; a re-run starts it empty."""
+        if self.work.is_symlink() or self.work.is_file():
+            self.work.unlink()
+        elif self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir()
+        (self.work / "train.py").write_text(self.code)
 
-def _metrics_problem(metrics: dict, settings: RunSettings) -> str | None:
-    """What evaluate_bpb always writes, checked against what this run asked for."""
-    missing = _METRIC_KEYS - set(metrics)
-    if missing:
-        return f"missing {', '.join(sorted(missing))}"
-    if metrics["seq_len"] != settings.seq_len:
-        return f"seq_len {metrics['seq_len']}, the run asked for {settings.seq_len}"
-    if not 0 < metrics["eval_tokens"] <= settings.eval_tokens:
-        return f"eval_tokens {metrics['eval_tokens']} outside (0, {settings.eval_tokens}]"
-    if metrics["data_fingerprint"] != prepare.read_meta(settings.data_dir)["fingerprint"]:
-        return "data fingerprint does not match the data directory"
-    if settings.heldout != ("heldout_bpb" in metrics):
-        return "held-out score present when not asked for, or missing when asked for"
-    return None
+    def _command(self, fd: int) -> tuple[list[str], tuple[int, int] | None]:
+        argv = [sys.executable, "-I", "-u", "-B", "-c", processes.LAUNCHER]
+        if not self.sandboxed:
+            return argv, None
+        data = Path(self.s.data_dir)
+        visible = ["tokenizer.json", "meta.json", "train.bin"]
+        if self.s.evaluation == "in_process":  # unsealed: the variant scores itself, so it must see the splits
+            visible += ["val.bin"] + (["heldout.bin"] if self.s.heldout else [])
+        info = os.pipe()
+        tmp_mb = int(self.s.memory_limit_mb or 4096)
+        return sandbox.command(argv, writable=(self.work,), readable=tuple(data / name for name in visible), cwd=self.work,
+                               gpu=self.s.gpu, cuda=self.s.device == "cuda", tmp_mb=tmp_mb, info_fd=info[1]), info
+
+    # ---- watching ----
+    def _watch(self, begun: float) -> None:
+        while True:
+            ready, _, _ = select.select([self.channel], [], [], POLL_SECONDS)
+            if ready:
+                self._read_messages()
+            if self.child.poll() is not None:
+                self._read_messages()
+                return
+            if self._limits_broken(begun):
+                return
+
+    def _limits_broken(self, begun: float) -> bool:
+        now = time.monotonic()
+        if self.started_at is None and now - begun > self.s.startup_grace:
+            self.killed_for = ("timeout", f"the launcher did not reach the variant's code within {self.s.startup_grace:.0f} s "
+                                          "(importing torch and prepare)")
+        elif self.handover_at is None and self.started_at is not None and now - self.started_at > self.s.training_limit:
+            self.killed_for = ("over_budget", f"trained past budget + allowance ({self.s.time_budget:g} s + "
+                                              f"{self.s.startup_grace:g} s startup_grace) without handing over a model; "
+                                              "the runner's clock runs from the variant's first line to evaluate_bpb")
+        elif self.scored_at is not None and now - self.scored_at > EXIT_GRACE:
+            return True  # scored: whatever it still does no longer matters
+        else:
+            self.killed_for = self._memory_or_cancel()
+        return self.killed_for is not None
+
+    def _memory_or_cancel(self) -> tuple[str, str] | None:
+        self.peak_mb = max(self.peak_mb, self.family.memory_mb())
+        if self.s.memory_limit_mb and self.peak_mb > self.s.memory_limit_mb:
+            return "oom", f"the variant's processes held more than the memory limit of {self.s.memory_limit_mb:.0f} MB"
+        if self.cancel is not None and self.cancel.is_set():
+            return "cancelled", "cancelled"
+        return None
+
+    def _read_messages(self) -> None:
+        try:
+            chunk = self.channel.recv(1 << 16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            chunk = b""
+        self.buffer += chunk
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            try:
+                message = json.loads(line) if len(line) <= MESSAGE_LIMIT else {}
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                message = {}
+            if isinstance(message, dict):
+                self._on_message(message)
+        if len(self.buffer) > MESSAGE_LIMIT:
+            self.buffer = b""
+
+    def _on_message(self, message: dict) -> None:
+        event = message.get("event")
+        now = time.monotonic()
+        if event == "started" and self.started_at is None:
+            self.started_at = now
+        elif event == "export_failed" and self.started_at is not None and self.handover_at is None:
+            self.export_failure = str(message.get("reason", ""))[:2000]
+        elif event in ("handover", "metrics") and self.started_at is not None:
+            if self.handover_at is None:
+                self.handover_at = now
+                if now - self.started_at > self.s.training_limit:
+                    self.killed_for = ("over_budget", f"handed over after {now - self.started_at:.1f} s, past budget + "
+                                                      f"allowance ({self.s.training_limit:g} s)")
+                    return
+                self.score = self._score(message)
+                self.scored_at = time.monotonic()
+            self._reply_to_variant()
+
+    def _score(self, message: dict) -> dict:
+        if self.s.evaluation == "in_process":
+            metrics = message.get("metrics") if message.get("event") == "metrics" else None
+            if not isinstance(metrics, dict):
+                return {"status": "no_metrics", "reason": "in_process evaluation, but evaluate_bpb sent no metrics"}
+            return {"status": "ok", "metrics": metrics}
+        if message.get("event") != "handover":
+            return {"status": "tampered", "reason": "sent metrics of its own; under sealed evaluation only the evaluator scores"}
+        name = str(message.get("file", ""))
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name) or name in (".", ".."):
+            return {"status": "export_failed", "reason": f"the hand-over named {name[:100]!r}, not a file in its folder"}
+        request = {"data_dir": str(self.s.data_dir), "fingerprint": self.s.data_fingerprint, "seq_len": self.s.seq_len,
+                   "eval_tokens": self.s.eval_tokens, "heldout": self.s.heldout, "max_bytes": int(self.s.max_model_mb * 2**20)}
+        return self.evaluator.score(self.work / name, request, self.s.eval_grace, self.s.memory_limit_mb, self._memory_or_cancel)
+
+    def _reply_to_variant(self) -> None:
+        if self.score is None:
+            return
+        reply = ({"val_bpb": self.score["metrics"]["val_bpb"]} if self.score["status"] == "ok"
+                 else {"error": f"{self.score['status']}: {self.score['reason']}"})
+        try:
+            self.channel.sendall((json.dumps(reply) + "\n").encode())
+        except OSError:
+            pass  # it did not wait for the answer
+
+    # ---- the verdict ----
+    def _classify(self, result: RunResult) -> None:
+        score = self.score
+        if score is not None and score["status"] == "cancelled":
+            raise RunCancelled(str(self.run_dir))
+        if score is not None and score["status"] == "data_changed":
+            raise DataChanged(score["reason"])
+        if score is not None and score["status"] == "ok":
+            result.metrics = {**score["metrics"], "train_seconds": result.train_seconds, "sealed": result.sealed,
+                              "sandbox": result.sandbox}
+            val = result.metrics.get("val_bpb")
+            if not isinstance(val, (int, float)) or not math.isfinite(val):
+                result.status, result.reason = "nan", "val_bpb is not finite"
+            _write_json(self.run_dir / "metrics.json", result.metrics)
+        elif score is not None:
+            result.status, result.reason = score["status"], score["reason"]
+        elif self.killed_for is not None:
+            result.status, result.reason = self.killed_for
+        elif self.export_failure is not None:
+            result.status, result.reason = "export_failed", self.export_failure
+        elif result.returncode != 0:
+            result.status, result.reason = classify_failure(result.returncode, result.log_tail)
+        else:
+            result.status, result.reason = "no_metrics", "exited 0 without handing a model over (prepare.evaluate_bpb)"
 
 
 def _code_intact(path: Path, code: str) -> bool:
@@ -310,17 +431,20 @@ def _place_code(path: Path, code: str) -> None:
 
 
 def _write_code(path: Path, code: str) -> None:
-    if path.is_dir() and not path.is_symlink():  # a variant may have put a folder in its place
+    if path.is_dir() and not path.is_symlink():  # an unsandboxed variant may have put a folder in its place
         shutil.rmtree(path)
-    _replace_with(path, code)  # a crash never leaves half a file where the code should be
+    _write_text(path, code)
 
 
-def _replace_with(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text.encode())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    _write_text(path, json.dumps(data, indent=2))
 
 
 def _finish(run_dir: Path, result: RunResult) -> RunResult:
-    _replace_with(run_dir / "result.json", json.dumps(result.to_dict(), indent=2))  # present means complete: resume may trust it
+    _write_json(run_dir / "result.json", result.to_dict())  # present means complete: resume may trust it
     return result

@@ -17,7 +17,7 @@ NOISE = 0.0  # seed-dependent jitter of QUALITY, so re-runs with new seeds diffe
 SLEEP = 0.2
 LEDGER = ""
 
-run_id = os.path.basename(os.getcwd())
+run_id = os.path.basename(os.path.dirname(os.getcwd()))  # the runner runs it in <variant folder>/work
 if LEDGER:
     with open(LEDGER, "a") as f:
         f.write(f"start {run_id}\n")
