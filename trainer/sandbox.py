@@ -74,6 +74,9 @@ def command(argv: list[str], writable: tuple[Path, ...], readable: tuple[Path, .
         args += _bind("--bind", Path(path))
     if cuda:
         args += _gpu_nodes(gpu)
+    # Nothing else is writable: the root and /dev are tmpfs that bwrap made, and a file there
+    # would be memory that no limit counts.
+    args += ["--remount-ro", "/dev", "--remount-ro", "/"]
     if cwd is not None:
         args += ["--chdir", str(cwd)]
     if info_fd is not None:

@@ -270,7 +270,7 @@ class Model:
 def read_model(data: bytes | memoryview, device: str | torch.device, max_batch: int = 4096) -> Model:
     """Parse and check a sealed model; every problem is a SealedFormatError with a plain message."""
     device = torch.device(device)
-    view = memoryview(data)
+    view = memoryview(data if not isinstance(data, bytes) else bytearray(data))  # torch wants a writable buffer
     if len(view) < 16 or bytes(view[:8]) != MAGIC:
         raise SealedFormatError("not a sealed model file (wrong magic bytes)")
     (length,) = struct.unpack("<Q", view[8:16])
