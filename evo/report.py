@@ -33,15 +33,27 @@ def champion_of(population: Population, guard: Guard):
     return population.best(), None
 
 
+def trust_note(metrics_json: str) -> str:
+    """How a score was obtained, in words, when it is less than sealed and sandboxed."""
+    metrics = json.loads(metrics_json or "{}")
+    notes = []
+    if metrics.get("sealed") is False:
+        notes.append("UNSEALED: scored inside the variant's own process, which could forge it")
+    if metrics.get("sandbox") == "none":
+        notes.append("unsandboxed")
+    return f"  [{'; '.join(notes)}]" if notes else ""
+
+
 def champion_lines(population: Population, guard: Guard) -> list[str]:
     champion, stats = champion_of(population, guard)
     if champion is None:
         return ["champion: none yet"]
     if stats is None:
-        return [f"champion: {champion.id}, first draw val_bpb {champion.val_bpb:.4f} (not re-run: no noise floor yet)"]
+        return [f"champion: {champion.id}, first draw val_bpb {champion.val_bpb:.4f} (not re-run: no noise floor yet)"
+                + trust_note(champion.metrics)]
     p = f", p={stats['p_value']:.3g}" if stats["p_value"] is not None else " (the seed)"
     lines = [
-        f"champion: {champion.id} ({champion.operator}){p}",
+        f"champion: {champion.id} ({champion.operator}){p}" + trust_note(champion.metrics),
         f"  val_bpb  {stats['val_mean']:.4f} ± {stats['val_std']:.4f} over n={stats['n']} re-runs"
         + (f"; first draw {stats['first_val']:.4f}, gap {stats['first_draw_gap']:+.4f}" if stats["first_val"] is not None else ""),
         f"  held-out {stats['held_mean']:.4f} ± {stats['held_std']:.4f}",
@@ -78,7 +90,7 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
     for individual in population.ranked()[:top]:
         parent = individual.parents[0] if individual.parents else "-"
         lines.append(f"  {individual.id:<8} {individual.val_bpb:>9.4f} {individual.operator:<10} {parent:<8} "
-                     f"{individual.verdict:<20} {individual.hypothesis[:60]}")
+                     f"{individual.verdict:<20} {individual.hypothesis[:60]}{trust_note(individual.metrics)}")
     lines += ["", "by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.by_status.items()))]
     pending = population.pending()
     if pending:
@@ -126,13 +138,17 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         {"id": i.id, "operator": i.operator, "val_bpb": i.val_bpb, "hypothesis": i.hypothesis, "status": i.status}
         for i in population.lineage(champion.id)
     ]
+    metrics = json.loads(champion.metrics)
     metadata = {
         "id": champion.id,
         "val_bpb": stats["val_mean"] if stats else champion.val_bpb,
+        "scored": "sealed (a separate evaluator scored the handed-over model)" if metrics.get("sealed", True)
+                  else "UNSEALED (scored inside the variant's own process, which could forge it)",
+        "sandbox": metrics.get("sandbox", "unknown"),
         "val_bpb_is": "mean of the guard's re-runs" if stats else "first draw (never re-run)",
         "guard": stats,
         "first_draw_val_bpb": champion.val_bpb,
-        "metrics": json.loads(champion.metrics),
+        "metrics": metrics,
         "eval_seed": champion.eval_seed,
         "lineage": lineage,
         "run": store.run_info(),

@@ -3,9 +3,22 @@
 # On a machine without an NVIDIA GPU the pinned CPU build of torch goes in first, so pip never
 # pulls a multi-GB CUDA build; with a GPU, pip's default (CUDA) build is used. Override with
 # EVO_TORCH_SPEC (e.g. EVO_TORCH_SPEC='torch==2.14.1').
+# bubblewrap (the sandbox around each variant) is installed with apt-get where this runs as root
+# on Debian/Ubuntu; elsewhere evo says how to install it and runs variants unsandboxed meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing bubblewrap (the sandbox evo runs variants in)"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1; }; } ||
+      echo "setup: could not install bubblewrap; variants will run unsandboxed until it is installed" >&2
+  else
+    echo "setup: bubblewrap is not installed, so variants will run unsandboxed (evo warns once per run)." >&2
+    echo "       Install it for the sandbox: sudo apt-get install bubblewrap (or dnf/pacman install bubblewrap)" >&2
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi

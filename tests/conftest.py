@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,18 @@ import yaml
 import prepare
 
 STANDIN = Path(__file__).resolve().parent / "variants" / "standin.py"
+
+
+@pytest.fixture
+def sandboxed():
+    """Skip where bubblewrap cannot build the sandbox; fail instead where it must (CI sets EVO_REQUIRE_SANDBOX=1)."""
+    from trainer import sandbox
+
+    problem = sandbox.probe()
+    if problem is not None:
+        if os.environ.get("EVO_REQUIRE_SANDBOX") == "1":
+            pytest.fail(f"EVO_REQUIRE_SANDBOX=1, but the sandbox cannot be built: {problem}")
+        pytest.skip(f"bubblewrap is not usable here: {problem}")
 
 
 @pytest.fixture(scope="session")

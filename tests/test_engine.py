@@ -267,3 +267,14 @@ def test_short_evolution_of_the_cpu_seed_with_ast_and_optuna_operators(tmp_path,
     assert evaluated == 6 and rows["seed"][2] == "1"
     assert proposed >= evaluated and ok >= 4 and 0 <= improved <= ok
     assert (tmp_path / "ev" / "optuna.journal").exists() == ("optuna" in rows and int(rows["optuna"][0]) > 0)
+
+
+def test_an_unsealed_unsandboxed_run_says_so_in_status_and_export(setup_run, tmp_path):
+    config_path, run_dir, _ = setup_run(max_evaluations=2, evaluation={"mode": "in_process", "sandbox": "none"})
+    lines = []
+    start_run(load_config(config_path), config_path, log=lines.append).run()
+    assert any("in_process" in line and "forge" in line for line in lines)
+    text = status_text(run_dir)
+    assert "UNSEALED" in text and "unsandboxed" in text
+    meta = json.loads((export(run_dir, tmp_path / "out") / "metadata.json").read_text())
+    assert meta["scored"].startswith("UNSEALED") and meta["sandbox"] == "none"

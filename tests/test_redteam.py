@@ -23,13 +23,11 @@ import pytest
 import prepare
 import trainer
 from tests.procs import marked_processes
-from trainer import sandbox, sealed
+from trainer import sealed
 from trainer.evaluator import Evaluator
 from trainer.runner import RunSettings, run_variant
 
-pytestmark = pytest.mark.skipif(
-    sandbox.probe() is not None and os.environ.get("EVO_REQUIRE_SANDBOX") != "1",
-    reason=f"the red team needs the sandbox, and bubblewrap is not usable here: {sandbox.probe()}")
+pytestmark = pytest.mark.usefixtures("sandboxed")  # the red team needs the sandbox (conftest.py)
 
 # The honest model: the unigram distribution of train, no training at all. Every attack starts
 # from it, so any gain an attack shows over HONEST_BPB is the attack's.

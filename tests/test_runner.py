@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import textwrap
 import threading
 import time
@@ -29,9 +28,6 @@ model = Bigram()
 """
 SCORE = "print(f'val_bpb: {prepare.evaluate_bpb(model, tok, 8):.6f}')\n"
 
-needs_sandbox = pytest.mark.skipif(
-    sandbox.probe() is not None and os.environ.get("EVO_REQUIRE_SANDBOX") != "1",
-    reason=f"bubblewrap is not usable here: {sandbox.probe()}")
 
 
 def settings(data_dir, **overrides) -> RunSettings:
@@ -193,8 +189,7 @@ def test_over_budget_kills_the_whole_family(small_data, tmp_path, mode):
     assert not run_processes()
 
 
-@needs_sandbox
-def test_a_daemon_with_a_clean_environment_dies_with_the_sandbox(small_data, tmp_path):
+def test_a_daemon_with_a_clean_environment_dies_with_the_sandbox(small_data, tmp_path, sandboxed):
     marker = f"evo-test-daemon-{tmp_path.name}"
     result = run_variant(_family_code(marker, 0.5, clean_env=True), settings(small_data))
     assert result.status == "no_metrics" and result.sandbox == "bubblewrap"

@@ -38,7 +38,7 @@ WARMUP_FRAC = 0.05  # fractions of the time budget
 COOLDOWN_FRAC = 0.4
 FINAL_LR_FRAC = 0.05
 GRAD_CLIP = 1.0
-UNTIMED_STEPS = 2  # evo: fixed. First steps are warm-up and are not charged to the budget
+UNTIMED_STEPS = 2  # evo: fixed. Warm-up steps the schedule does not count; evo's clock does (the allowance covers them)
 EVAL_BATCH_SIZE = 16  # evo: fixed
 LOG_EVERY = 25  # evo: fixed
 

@@ -2,7 +2,8 @@
 
 RMSNorm, rotary embeddings, QK-norm, ReLU^2 MLP, Muon for the matrices and AdamW for the rest,
 bf16 autocast, torch.compile and scaled-dot-product attention on CUDA, a time-based
-learning-rate schedule. The first steps (compile warm-up) are not charged to the budget.
+learning-rate schedule. The first steps (compile warm-up) are outside the schedule, but evo's runner
+times everything up to the hand-over, so they must fit in budget.startup_grace.
 
 Run standalone after `python prepare.py --vocab-size 8192`:  EVO_SEQ_LEN=2048 python trainer/train_gpu.py
 Settings arrive by environment (EVO_TIME_BUDGET, EVO_SEED, EVO_DEVICE, ...) through prepare.
@@ -37,7 +38,7 @@ WARMUP_FRAC = 0.0  # fractions of the time budget
 COOLDOWN_FRAC = 0.5
 FINAL_LR_FRAC = 0.0
 GRAD_CLIP = 1.0
-UNTIMED_STEPS = 10  # evo: fixed. Compile and warm-up steps are not charged to the budget
+UNTIMED_STEPS = 10  # evo: fixed. Compile/warm-up steps the schedule does not count; evo's clock does (budget.startup_grace)
 COMPILE = True
 EVAL_BATCH_SIZE = 32  # evo: fixed
 LOG_EVERY = 25  # evo: fixed
