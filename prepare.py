@@ -49,7 +49,8 @@ SPLIT_NAMES = ("train", "val", "heldout")
 EVAL_PER_MILLE = 100
 BOS_TOKEN = "<|bos|>"
 TOKEN_DTYPE = np.uint16  # vocabularies up to 65,535 tokens
-META_VERSION = 2  # bump when the split or tokenization rules change: old caches rebuild
+META_VERSION = 3  # bump when the split or tokenization rules change: old caches rebuild
+EVAL_SOURCES = "eval_sources.json"  # embedded source only: the files whose text is val or heldout
 
 
 def _env_int(name: str, default: int) -> int:
@@ -195,15 +196,88 @@ def get_tokenizer(data_dir: str | None = None) -> Tokenizer:
 _EMBEDDED_SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 
 
-def _embedded_documents() -> Iterator[str]:
+def _embedded_paths() -> list[Path]:
     """The .py files of the running CPython's standard library, in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in _EMBEDDED_SKIP_DIRS)
         paths.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
-    for path in sorted(paths):
+    return sorted(paths)
+
+
+def _embedded_documents() -> Iterator[str]:
+    for path in _embedded_paths():
         yield path.read_text(encoding="utf-8", errors="replace")
+
+
+# The embedded corpus is text every Python process can read, a sandboxed variant's included, so
+# its evaluation documents come only from modules the sandbox can hide without harm: ones that
+# torch, numpy, evo's hand-over and the stdlib modules a training script plausibly imports never
+# load, and that have no near-copy in site-packages. build() lists them in eval_sources.json; the
+# sandbox puts an ImportError stub over each (and over its cached bytecode).
+_VARIANT_STDLIB = """
+    abc argparse array ast base64 bisect collections concurrent.futures contextlib copy csv ctypes dataclasses
+    datetime decimal dis enum fnmatch fractions functools gc glob gzip hashlib heapq inspect io itertools json
+    logging math multiprocessing numbers operator os pathlib pickle platform pprint queue random re resource
+    shutil signal socket statistics string struct subprocess sys tempfile textwrap threading time timeit
+    traceback types typing unittest uuid warnings weakref zlib cProfile pstats
+    torch._inductor.compile_fx torch._dynamo triton
+"""
+_RUNTIME_PROBE = """
+import importlib, io, json, sys
+import torch, numpy, tiktoken, prepare
+from trainer import sealed
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
+model = torch.nn.Sequential(torch.nn.Embedding(8, 8), torch.nn.Linear(8, 8))
+optimizer = torch.optim.AdamW(model.parameters())
+model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+optimizer.step()
+sealed.write_model(model, 1, 4, "cpu", io.BytesIO())  # the hand-over loads modules lazily
+print(json.dumps(sorted(str(getattr(m, "__file__", None) or "") for m in list(sys.modules.values()))))
+"""
+HIDDEN_MODULE_STUB = (
+    'raise ImportError("this standard-library module is evaluation text of evo\'s embedded corpus, so the sandbox '
+    'hides it from variants; if evo or torch needs it, rebuild the data: evo prepare --force")\n'
+)
+
+
+def _hideable(paths: list[Path]) -> list[bool]:
+    """For each stdlib file: may it be evaluation text, i.e. can the sandbox hide it?"""
+    import site
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    probe = subprocess.run([sys.executable, "-c", _RUNTIME_PROBE, *_VARIANT_STDLIB.split()], capture_output=True,
+                           text=True, env=env, timeout=600)
+    if probe.returncode != 0:
+        raise PrepareError(f"could not list the modules a variant needs: {probe.stderr.strip()[-500:]}")
+    needed = {os.path.realpath(f) for f in json.loads(probe.stdout.strip().splitlines()[-1]) if f}
+    copies: dict[str, list[str]] = {}  # basename -> .py files in site-packages (vendored stdlib lives there)
+    for root in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}:
+        for dirpath, _, filenames in os.walk(root):
+            for f in filenames:
+                if f.endswith(".py"):
+                    copies.setdefault(f, []).append(os.path.join(dirpath, f))
+    return [os.path.realpath(p) not in needed and not _has_near_copy(p, copies.get(p.name, [])) for p in paths]
+
+
+def _has_near_copy(path: Path, candidates: list[str]) -> bool:
+    lines = {line.strip() for line in path.read_text(errors="replace").splitlines() if len(line.strip()) >= 25}
+    if not lines:
+        return False
+    for other in candidates:
+        try:
+            theirs = {line.strip() for line in open(other, errors="replace")}
+        except OSError:
+            continue
+        if len(lines & theirs) >= 0.3 * len(lines):
+            return True
+    return False
 
 
 def _file_documents(pattern: str, text_column: str) -> Iterator[str]:
@@ -302,16 +376,22 @@ def _hash_bucket(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8", "replace")).digest()[:8], "big")
 
 
-def assign_splits(texts: list[str]) -> list[str]:
+def assign_splits(texts: list[str], eligible: list[bool] | None = None) -> list[str]:
     """Stable split of each document, by a hash of its content.
 
     One document in ten (by hash) is an evaluation document; those are dealt, in hash order,
     to whichever of val and heldout holds fewer bytes so far, so the two come out about the
-    same size even on a corpus of a few hundred files.
+    same size even on a corpus of a few hundred files. With `eligible`, only those documents
+    may be evaluation documents (at a rate that still makes them one in ten of all).
     """
     buckets = [_hash_bucket(t) for t in texts]
     splits = ["train"] * len(texts)
-    held = [i for i, b in enumerate(buckets) if b % 1000 < EVAL_PER_MILLE]
+    rate = EVAL_PER_MILLE
+    if eligible is not None:
+        blocked = {t for t, ok in zip(texts, eligible) if not ok}  # copies of one text share its split
+        eligible = [ok and t not in blocked for t, ok in zip(texts, eligible)]
+        rate = min(1000, EVAL_PER_MILLE * len(texts) / max(1, sum(eligible)))
+    held = [i for i, b in enumerate(buckets) if b % 1000 < rate and (eligible is None or eligible[i])]
     sizes = {"val": 0, "heldout": 0}
     for i in sorted(held, key=lambda i: (buckets[i], texts[i])):
         split = "val" if sizes["val"] <= sizes["heldout"] else "heldout"
@@ -343,7 +423,8 @@ def fingerprint(data_dir: str | Path) -> str:
     """Hash of the tokenizer and the token arrays: equal fingerprints mean equal data."""
     data_dir = Path(data_dir)
     h = hashlib.sha256()
-    for path in [data_dir / "tokenizer.json"] + [_split_path(data_dir, s) for s in SPLIT_NAMES]:
+    sources = [data_dir / EVAL_SOURCES] if (data_dir / EVAL_SOURCES).exists() else []  # what the sandbox hides
+    for path in [data_dir / "tokenizer.json"] + [_split_path(data_dir, s) for s in SPLIT_NAMES] + sources:
         h.update(path.name.encode())
         try:
             with open(path, "rb") as f:
@@ -381,18 +462,26 @@ def build(settings: PrepareSettings, data_dir: str | Path, force: bool = False) 
             return meta
 
     started = time.perf_counter()
+    embedded = settings.source == "embedded"
+    paths = _embedded_paths() if embedded else None
     texts: list[str] = []
+    origins: list[Path] = []
     total = 0
-    for text in iter_documents(settings.source, settings.text_column, settings.hf_split):
+    for i, text in enumerate(iter_documents(settings.source, settings.text_column, settings.hf_split)):
         if not text.strip():
             continue
         texts.append(text)
+        if embedded:
+            origins.append(paths[i])
         total += len(text.encode("utf-8", "replace"))
         if settings.max_bytes and total >= settings.max_bytes:
             break
     docs: dict[str, list[str]] = {s: [] for s in SPLIT_NAMES}
-    for text, split in zip(texts, assign_splits(texts)):
+    hidden: list[str] = []
+    for i, (text, split) in enumerate(zip(texts, assign_splits(texts, _hideable(origins) if embedded else None))):
         docs[split].append(text)
+        if split != "train" and embedded:
+            hidden.append(os.path.realpath(origins[i]))
     counts = {s: len(d) for s, d in docs.items()}
     if sum(counts.values()) == 0:
         raise PrepareError(f"source {settings.source!r} yielded no non-empty documents")
@@ -407,6 +496,10 @@ def build(settings: PrepareSettings, data_dir: str | Path, force: bool = False) 
     tokenizer = Tokenizer.train(docs["train"], settings.vocab_size)
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "tokenizer.json").write_text(tokenizer.to_json())
+    (data_dir / EVAL_SOURCES).unlink(missing_ok=True)
+    if hidden:  # for the sandbox: the files that hold evaluation text, and what to put over them
+        (data_dir / EVAL_SOURCES).write_text(json.dumps(hidden, indent=0))
+        (data_dir / "hidden_module.py").write_text(HIDDEN_MODULE_STUB)
     splits = {}
     for split in SPLIT_NAMES:
         ids = np.fromiter(
@@ -491,8 +584,8 @@ def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str = "train") 
 # Scoring rules: bits per byte and the causality probe (run by the evaluator)
 # ---------------------------------------------------------------------------------------------
 
-PROBE_EVERY = 4  # one batch in this many (at least one) is also run with changed futures
-PROBE_TOLERANCE = 1e-5  # relative: a causal model's earlier logits do not move at all
+PROBE_MIXING_EVERY = 4  # one batch in this many (at least one) is also probed for reading other rows
+PROBE_TOLERANCE = 1e-4  # on log-probabilities: a causal model's earlier ones do not move at all
 
 
 class CausalityViolation(RuntimeError):
@@ -524,13 +617,17 @@ def score_rows(forward, rows: torch.Tensor, batch_size: int, token_bytes: torch.
                device, donors: np.ndarray | None = None, rng: random.Random | None = None) -> dict:
     """Bits per byte of `rows` under `forward`, which always gets exactly batch_size rows.
 
-    A batch holds windows that are never neighbours in the text (row b, b + n_batches, ...), so
-    no row's continuation sits beside it. With `donors` (other text) and `rng`, some batches are
-    probed: `_probe` must find every row's earlier logits unchanged by later tokens.
+    A batch holds windows that are never neighbours in the text (row b, b + n_batches, ...), so no
+    row's continuation sits beside it, and the model gets its input in fresh memory that holds
+    nothing else. With `donors` (other text) and `rng`, the model is probed (`_probe_cuts`,
+    `_probe_mixing`): every position of the window is checked once for reading ahead.
     """
-    n_rows = rows.shape[0]
+    n_rows, T = rows.shape[0], rows.shape[1] - 1
     n_batches = -(-n_rows // batch_size)
-    probed = set(rng.sample(range(n_batches), max(1, n_batches // PROBE_EVERY))) if rng is not None else set()
+    probing = rng is not None and donors is not None and T >= 2
+    cuts = rng.sample(range(1, T), T - 1) if probing else []  # every cut position, in an order nobody knows
+    cut_chunks = [cuts[i : i + batch_size] for i in range(0, len(cuts), batch_size)]
+    mixing = set(rng.sample(range(n_batches), max(1, n_batches // PROBE_MIXING_EVERY))) if probing else set()
     token_bytes = token_bytes.to(device)
     total_nats, total_bytes, total_tokens, probed_rows = 0.0, 0, 0, 0
     for b in range(n_batches):
@@ -538,10 +635,14 @@ def score_rows(forward, rows: torch.Tensor, batch_size: int, token_bytes: torch.
         real = len(members)
         members += [members[i % real] for i in range(batch_size - real)]  # padding, never scored
         batch = rows[members].to(device)
-        x, y = batch[:, :-1], batch[:, 1:]
+        x, y = batch[:, :-1].clone(memory_format=torch.contiguous_format), batch[:, 1:]
         logits = logits_of(forward, x, vocab_size)
-        if b in probed:
-            probed_rows += _probe(forward, x, logits, vocab_size, donors, rng)
+        for chunk in cut_chunks[b::n_batches]:
+            probed_rows += _probe(forward, x, logits, vocab_size, donors, rng, dict(enumerate(chunk)), replace_others=False)
+        if b in mixing:
+            parity = rng.randrange(2)
+            kept = {j: rng.randrange(1, T) for j in range(batch_size) if batch_size == 1 or j % 2 == parity}
+            probed_rows += _probe(forward, x, logits, vocab_size, donors, rng, kept, replace_others=True)
         logits, y = logits[:real], y[:real]
         nats = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1), reduction="none")
         nbytes = token_bytes[y.reshape(-1)]
@@ -553,33 +654,30 @@ def score_rows(forward, rows: torch.Tensor, batch_size: int, token_bytes: torch.
             "tokens": total_tokens, "bytes": total_bytes, "probed_rows": probed_rows}
 
 
-def _probe(forward, x: torch.Tensor, logits: torch.Tensor, vocab_size: int, donors: np.ndarray, rng: random.Random) -> int:
-    """Half the rows keep a random-length prefix and get another text's future; the other half are
-    replaced whole. A kept row's logits before its cut must not move: a model that reads ahead, or
-    reads other rows of the batch, is caught. Returns the number of rows checked."""
+def _probe(forward, x: torch.Tensor, logits: torch.Tensor, vocab_size: int, donors: np.ndarray, rng: random.Random,
+           cuts: dict[int, int], replace_others: bool) -> int:
+    """Rows in `cuts` keep their prefix up to the cut and get another text's future; with
+    replace_others, every other row of the batch is replaced whole. A kept row's log-probabilities
+    before its cut must not move: a model that reads ahead, or reads other rows, is caught.
+    Returns the number of rows checked."""
     B, T = x.shape
-    if T < 2:
-        return 0
     changed = x.clone()
-    parity = rng.randrange(2)
-    cuts = {}
     for j in range(B):
         start = rng.randrange(0, donors.size - T)
         donor = torch.from_numpy(donors[start : start + T].astype(np.int64)).to(x.device)
-        if B == 1 or (j + parity) % 2 == 0:
-            cuts[j] = rng.randrange(1, T)
+        if j in cuts:
             changed[j, cuts[j]:] = donor[cuts[j]:]
-        else:
+        elif replace_others:
             changed[j] = donor
     after = logits_of(forward, changed, vocab_size)
     for j, cut in cuts.items():
-        before_j, after_j = logits[j, :cut], after[j, :cut]
+        before_j = torch.log_softmax(logits[j, :cut], dim=-1).clamp(min=-100.0)  # a scale-free comparison
+        after_j = torch.log_softmax(after[j, :cut], dim=-1).clamp(min=-100.0)
         diff = (before_j - after_j).abs().max().item()
-        scale = before_j.abs().max().item()
-        if not math.isfinite(diff) or diff > PROBE_TOLERANCE * max(1.0, scale):
+        if not math.isfinite(diff) or diff > PROBE_TOLERANCE:
             raise CausalityViolation(
-                f"non-causal model: logits at positions < {cut} moved by {diff:.3g} when only later positions "
-                "(and the other rows of the batch) changed"
+                f"non-causal model: log-probabilities at positions < {cut} moved by {diff:.3g} when only later "
+                "positions (or other rows of the batch) changed"
             )
     return len(cuts)
 
@@ -655,6 +753,8 @@ def evaluate_bpb(model: torch.nn.Module, tokenizer: Tokenizer, batch_size: int) 
     model.eval()
     try:
         if channel is None or IN_PROCESS:
+            if channel is not None:
+                channel.tell({"event": "handover"})  # evo's clock stops here; scoring is not training
             splits = ["val"] + (["heldout"] if channel is not None and IN_PROCESS_HELDOUT else [])
             metrics = {}
             for split in splits:

@@ -121,14 +121,15 @@ class PeeksInSecondHalf(torch.nn.Module):
 
 
 class ReadsOtherRows(torch.nn.Module):
-    """Causal within a row, but each position also sees the batch's mean token: rows leak into each other."""
+    """Causal within a row, but each position also sees another row of the batch: rows leak into each other."""
 
     def __init__(self, vocab_size: int):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab_size, vocab_size)
 
     def forward(self, idx):
-        return self.embed(idx) + idx.float().mean(dim=0, keepdim=True)[..., None] * 1e-2
+        neighbour = torch.nn.functional.one_hot(idx.roll(1, dims=0), self.embed.num_embeddings).float()
+        return self.embed(idx) + 1e-2 * neighbour  # the same position of the previous row raises its token
 
 
 @pytest.mark.parametrize("cheat", [PeeksAhead, PeeksInSecondHalf, ReadsOtherRows])
@@ -310,3 +311,47 @@ def test_hf_source_without_internet_fails_fast(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = _prepare_cli("--source", "hf:someone/corpus", "--data-dir", str(tmp_path / "d"), env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and "HF_HUB_OFFLINE" in proc.stderr
+
+
+class PeeksAtOnePosition(torch.nn.Module):
+    """Causal everywhere but one position, which reads the next token: only a probe cut right after it sees it."""
+
+    def __init__(self, vocab_size: int, position: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab_size, vocab_size)
+        self.position = position
+
+    def forward(self, idx):
+        out = self.embed(idx)
+        peek = torch.nn.functional.one_hot(idx[:, self.position + 1], out.shape[-1]).float() * 20.0
+        return torch.cat([out[:, : self.position], out[:, self.position : self.position + 1] + peek[:, None],
+                          out[:, self.position + 1 :]], dim=1)
+
+
+class HidesBehindHugeLogits(PeeksAhead):
+    """Reads ahead, and puts -1e30 on BOS (never a target) so that a scale-relative tolerance would be huge."""
+
+    def forward(self, idx):
+        out = super().forward(idx).clone()
+        out[..., -1] = -1e30
+        return out
+
+
+@pytest.mark.parametrize("position", [0, 13, 30])
+def test_every_position_is_probed_so_a_single_peek_is_caught(small_data, use_data, position):
+    import random
+
+    use_data(small_data, seq_len=32, eval_tokens=1024)
+    tok = prepare.get_tokenizer()
+    for seed in range(3):  # whatever the plan, every cut position is tried once
+        with pytest.raises(prepare.CausalityViolation):
+            prepare.score_model(PeeksAtOnePosition(tok.vocab_size, position), batch_size=4, rng=random.Random(seed))
+
+
+def test_huge_logits_do_not_widen_the_probes_tolerance(small_data, use_data):
+    import random
+
+    use_data(small_data, seq_len=32, eval_tokens=1024)
+    tok = prepare.get_tokenizer()
+    with pytest.raises(prepare.CausalityViolation):
+        prepare.score_model(HidesBehindHugeLogits(tok.vocab_size), batch_size=4, rng=random.Random(0))

@@ -244,6 +244,9 @@ model.peeking = True
 
 PEEKS = {
     "everywhere": "10.0 * torch.nn.functional.one_hot(ahead, V)",
+    "at one position only": "torch.cat([torch.zeros_like(out[:, :13]), 10.0 * torch.nn.functional.one_hot(ahead, V)[:, 13:14], torch.zeros_like(out[:, 14:])], 1)",
+    "behind a huge logit on a token never scored": ("10.0 * torch.nn.functional.one_hot(ahead, V) "
+                                                    "- 1e30 * torch.nn.functional.one_hot(torch.full_like(idx, V - 1), V)"),
     "only in the second half": "torch.cat([torch.zeros_like(out[:, : T // 2]), 10.0 * torch.nn.functional.one_hot(ahead, V)[:, T // 2 :]], 1)",
     "only through the batch's other rows": "0.0 * out + out.mean(dim=0, keepdim=True)",
 }
@@ -275,8 +278,8 @@ print(prepare.evaluate_bpb(Counting(), tok, 8))
 
 # ---- crafted model files -----------------------------------------------------------------------
 
-def _crafted(arena: Arena, header: dict, body: bytes = b"") -> str:
-    text = arena.fill(json.dumps(header)).encode()
+def _crafted(arena: Arena, header: dict | None, body: bytes = b"") -> str:
+    text = arena.fill(json.dumps(header)).encode() if header is not None else b"[" * 200_000
     blob = sealed.MAGIC + len(text).to_bytes(8, "little") + text + body
     return HONEST + f"""
 open("crafted.evomodel", "wb").write({blob!r})
@@ -298,6 +301,14 @@ CRAFTED = {
         "nodes": [{"op": "os.system", "args": ["touch /tmp/pwned"], "kwargs": {}}], "output": {"node": 0}}},
     "points a tensor past the end of the file": {"batch_size": 8, "seq_len": 32, "graph": {"nodes": [], "output": {"tensor": "w"}},
         "tensors": {"w": {"dtype": "float32", "shape": [1 << 20], "offset": 0, "nbytes": 4 << 20}}},
+    "reads the input's storage past its view with as_strided": {"batch_size": 8, "seq_len": 32, "tensors": {}, "graph": {
+        "nodes": [{"op": "as_strided.default", "args": [{"input": 0}, [8, 33], [33, 1], 0]}], "output": {"node": 0}}},
+    "takes uninitialised memory through resize_as": {"batch_size": 8, "seq_len": 32, "tensors": {}, "graph": {
+        "nodes": [{"op": "resize_as.default", "args": [{"input": 0}, {"input": 0}]}], "output": {"node": 0}}},
+    "reads out of bounds with segment_reduce(unsafe=True)": {"batch_size": 8, "seq_len": 32, "tensors": {}, "graph": {
+        "nodes": [{"op": "segment_reduce.default", "args": [{"input": 0}, "sum"], "kwargs": {"unsafe": True}}],
+        "output": {"node": 0}}},
+    "nests its header deeper than any parser recurses": None,
 }
 
 
@@ -305,6 +316,54 @@ CRAFTED = {
 def test_a_crafted_model_file_is_refused(arena, honest_bpb, attack):
     result = arena.run(_crafted(arena, CRAFTED[attack]))
     assert result.status == "export_failed" and "refused" in result.reason, (attack, result.status, result.reason)
+
+
+def test_a_huge_name_in_a_crafted_file_cannot_bloat_the_record(arena):
+    header = {"batch_size": 8, "seq_len": 32, "graph": {"nodes": [], "output": {"input": 0}},
+              "tensors": {"w" * 5_000_000: {"dtype": "float99", "shape": [1], "offset": 0, "nbytes": 4}}}
+    result = arena.run(_crafted(arena, header))
+    assert result.status == "export_failed" and len(result.reason) <= 2000
+    assert (arena.mine / "result.json").stat().st_size < 100_000
+
+
+def test_a_huge_sparse_model_file_is_refused_before_the_evaluator_holds_it(arena):
+    code = HONEST + """
+with open("big.evomodel", "wb") as f:
+    f.truncate(3 * 2**30)  # 3 GB that cost no disk
+print(prepare.handover_channel().ask({"event": "handover", "file": "big.evomodel"}))
+"""
+    result = arena.run(code, memory_limit_mb=2000)
+    assert result.status == "export_failed" and "over the limit" in result.reason, (result.status, result.reason)
+
+
+def test_messages_that_break_a_json_parser_do_not_break_the_runner(arena, honest_bpb):
+    code = HONEST + """
+channel = prepare.handover_channel()
+channel.sock.sendall(b"[" * 60000 + b"\\n" + b"\\xff\\xfe not json\\n" + b"x" * 200_000 + b"\\n")
+""" + HAND_OVER
+    result = arena.run(code)
+    assert result.status == "ok" and result.val_bpb == pytest.approx(honest_bpb, rel=1e-9)
+
+
+def test_the_variant_is_frozen_while_its_model_is_scored(arena):
+    """Nothing it runs can rewrite the handed-over file or train on while the evaluator scores."""
+    code = HONEST + """
+import threading, time
+beats = []
+def heart():
+    while True:
+        beats.append(time.monotonic())
+        time.sleep(0.002)
+threading.Thread(target=heart, daemon=True).start()
+start = time.monotonic()
+prepare.evaluate_bpb(model, tok, 8)
+during = [b for b in beats if b > start]
+print("LONGEST_PAUSE", max(b - a for a, b in zip(during, during[1:])))
+"""
+    result = arena.run(code)
+    assert result.status == "ok", (result.status, result.reason)
+    pause = float(result.log_tail.split("LONGEST_PAUSE ", 1)[1].split()[0])
+    assert pause >= 0.9 * (result.metrics["load_seconds"] + result.metrics["eval_seconds"]), (pause, result.metrics)
 
 
 def test_a_hand_over_of_a_link_or_a_fifo_is_refused_without_hanging(arena):
@@ -337,6 +396,36 @@ print("FOUND", found, sorted(os.listdir(prepare.DATA_DIR)))
     result = arena.run(code)
     assert "FOUND [] ['meta.json', 'tokenizer.json', 'train.bin']" in result.log_tail, result.log_tail
     assert gained_nothing(result, honest_bpb)
+
+
+def test_the_embedded_corpus_evaluation_text_is_not_in_the_sandbox(arena):
+    """The default corpus is the standard library, which Python needs; its val and held-out files are stubbed."""
+    hidden = json.loads((arena.data / prepare.EVAL_SOURCES).read_text())
+    assert hidden, "the embedded corpus should have evaluation documents"
+    secret = {hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in hidden}
+    code = HONEST + """
+import glob, hashlib, importlib, os, sysconfig
+seen = set()
+roots = [sysconfig.get_paths()["stdlib"]] + glob.glob("/usr/lib/python3*") + glob.glob("/usr/local/lib/python3*")
+for root in roots:
+    for top, dirs, files in os.walk(root):
+        for name in files:
+            try:
+                seen.add(hashlib.sha256(open(os.path.join(top, name), "rb").read()).hexdigest())
+            except OSError:
+                pass
+print("SEEN", len(seen), "MATCHES", len(seen & %SECRET%))
+try:
+    importlib.import_module("%MODULE%")
+    print("IMPORTED")
+except ImportError as e:
+    print("HIDDEN", e)
+""" + HAND_OVER
+    module = Path(hidden[0]).stem if Path(hidden[0]).stem != "__init__" else Path(hidden[0]).parent.name
+    result = arena.run(code.replace("%MODULE%", module).replace("%SECRET%", repr(secret)))
+    seen, matches = (int(n) for n in result.log_tail.split("SEEN ", 1)[1].split()[::2][:2])
+    assert seen > 100 and matches == 0, "a val or held-out source file is readable in the sandbox"
+    assert "HIDDEN" in result.log_tail and "evaluation text" in result.log_tail, result.log_tail[-500:]
 
 
 def test_nothing_outside_its_folder_can_be_written(arena, honest_bpb):
@@ -383,6 +472,7 @@ def test_the_engines_environment_and_the_users_secrets_are_out_of_sight(arena, m
     code = HONEST + """
 import glob, os
 seen = []
+print("ETC", sorted(p for p in ["/etc/shadow", "/etc/gshadow", "/etc/ssh", "/etc/sudoers"] if os.path.exists(p)))
 for path in glob.glob("/proc/*/environ") + ["%HOME%/.netrc", os.path.expanduser("~/.netrc")]:
     try:
         seen.append(open(path, "rb").read().decode(errors="replace"))
@@ -392,6 +482,7 @@ print("SECRET" if any("redteam-secret" in s or "home-secret" in s for s in seen)
 """ + HAND_OVER
     result = arena.run(code)
     assert "NOTHING" in result.log_tail and "SECRET" not in result.log_tail
+    assert "ETC []" in result.log_tail  # only the /etc files the linker and Python read are there
 
 
 # ---- the budget --------------------------------------------------------------------------------
@@ -473,6 +564,34 @@ time.sleep(3)
     result = arena.run(forks, time_budget=10.0, memory_limit_mb=2500)
     assert result.status == "ok", (result.status, result.reason)  # 40 forks of 300 MB shared pages are not 12 GB
     assert result.peak_memory_mb < 2500
+
+
+def test_filling_its_folder_counts_as_memory_and_fills_no_disk(arena):
+    code = HONEST + """
+import os, time
+block = os.urandom(2**20)
+with open("filler.bin", "wb") as f:
+    for _ in range(900):
+        f.write(block)
+time.sleep(30)
+"""
+    result = arena.run(code, time_budget=40.0, memory_limit_mb=700)
+    assert result.status == "oom", (result.status, result.reason)
+    assert not (arena.mine / "work").exists()
+
+
+@pytest.mark.slow
+def test_a_thousand_processes_are_stopped(arena):
+    code = HONEST + """
+import os, time
+for _ in range(1100):
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+time.sleep(60)
+"""
+    result = arena.run(code, time_budget=70.0, memory_limit_mb=None)
+    assert result.status == "oom" and "processes" in result.reason, (result.status, result.reason)
 
 
 def test_a_variant_that_deletes_its_folder_or_plants_a_fifo_is_data_not_a_crash(arena):

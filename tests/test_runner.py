@@ -46,8 +46,9 @@ def test_ok_run_records_metrics_log_and_files(small_data, tmp_path, mode):
     assert result.metrics["probed_rows"] >= 1
     assert f"val_bpb: {result.val_bpb:.6f}" in result.log_tail  # the variant got the evaluator's number back
     assert 0 < result.train_seconds < result.wall_seconds and result.peak_memory_mb > 50
-    for name in ("train.py", "log.txt", "metrics.json", "result.json", "work/train.py", "work/model.evomodel"):
+    for name in ("train.py", "log.txt", "metrics.json", "result.json"):
         assert (tmp_path / "v1" / name).is_file(), name
+    assert not (tmp_path / "v1" / "work").exists()  # the handed-over model is gone once scored
     record = json.loads((tmp_path / "v1" / "result.json").read_text())
     assert record["status"] == "ok" and record["run_token"] and record["code_sha256"]
 

@@ -146,6 +146,8 @@ def main() -> None:
             reply = {"status": "data_changed", "reason": str(e)}
         del blob, view
         replies.write(json.dumps(reply) + "\n")
+        if device == "cuda" and reply["status"] in ("crash", "oom"):
+            return  # a failed kernel can leave the CUDA context unusable: the runner starts a fresh evaluator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +179,7 @@ class Evaluator:
         if not self.sandboxed:
             return argv, None
         info_read, info_write = os.pipe()
-        return sandbox.command(argv, writable=(), readable=(Path(data_dir),), gpu=self.gpu,
+        return sandbox.command(argv, readable=(Path(data_dir),), gpu=self.gpu,
                                cuda=self.device == "cuda", info_fd=info_write, tmp_mb=1024), (info_read, info_write)
 
     def _start(self, data_dir: str) -> None:
@@ -223,7 +225,7 @@ class Evaluator:
                 self.close()
                 self._start(data_dir)
             deadline = time.monotonic() + deadline_seconds
-            self._send(fd, {**request, "nbytes": info.st_size}, info.st_size, deadline)
+            self._send(fd, {**request, "nbytes": info.st_size}, info.st_size, deadline, memory_limit_mb)
             return self._read_reply(deadline, memory_limit_mb, watch)
         except _Stopped as stop:
             self.close()
@@ -231,7 +233,7 @@ class Evaluator:
         finally:
             os.close(fd)
 
-    def _send(self, fd: int, request: dict, size: int, deadline: float) -> None:
+    def _send(self, fd: int, request: dict, size: int, deadline: float, memory_limit_mb: float | None) -> None:
         pipe = self.process.stdin
         try:
             pipe.write((json.dumps(request) + "\n").encode())
@@ -243,6 +245,9 @@ class Evaluator:
                     raise _Stopped("export_failed", "the model file shrank while it was being read")
                 if time.monotonic() > deadline:
                     raise _Stopped("timeout", "the evaluator did not take the model in time")
+                if memory_limit_mb and sent % (64 << 20) < len(chunk) and self.family.memory_mb() > memory_limit_mb:
+                    raise _Stopped("oom", f"the evaluator went above the memory limit of {memory_limit_mb:.0f} MB "
+                                          "receiving this model")
                 pipe.write(chunk)
                 sent += len(chunk)
             pipe.flush()

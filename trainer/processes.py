@@ -93,12 +93,13 @@ def _pid_namespace(pid: int | str) -> str | None:
 class Family:
     """Every process of one run, found either by PID namespace (sandbox) or by group and token."""
 
-    def __init__(self, leader: int, token: str, namespace_pid: int | None = None):
+    def __init__(self, leader: int, token: str, namespace_pid: int | None = None, tmpfs: tuple[str, ...] = ()):
         self.leader = leader  # our direct child (bwrap, or the python process when unsandboxed)
         self.token = token
         self.namespace = _pid_namespace(namespace_pid) if namespace_pid is not None else None
         self.namespace_pid = namespace_pid
-        self.tmpfs = [f"/proc/{namespace_pid}/root/tmp", f"/proc/{namespace_pid}/root/dev/shm"] if namespace_pid else []
+        # The sandbox's private file systems (its /tmp, /dev/shm, work folder) hold memory too.
+        self.tmpfs = [f"/proc/{namespace_pid}/root{path}" for path in ("/tmp", "/dev/shm", *tmpfs)] if namespace_pid else []
 
     def pids(self) -> list[int]:
         found = []
@@ -123,6 +124,20 @@ class Family:
             except OSError:
                 pass
         return total
+
+    def signal_all(self, sig: int) -> None:
+        """Send sig to every process, again until no new one appears (a stopped process cannot fork)."""
+        done: set[int] = set()
+        for _ in range(20):
+            fresh = [pid for pid in self.pids() if pid not in done]
+            if not fresh:
+                return
+            for pid in fresh:
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            done.update(fresh)
 
     def kill(self) -> None:
         """SIGKILL everything: the namespace's first process takes the rest with it."""

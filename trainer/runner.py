@@ -47,7 +47,10 @@ STATUSES = ("ok", "syntax", "import", "crash", "nan", "timeout", "over_budget", 
 
 POLL_SECONDS = 0.2
 EXIT_GRACE = 30.0  # after the score is back, for printing a summary and exiting
+LAUNCH_SECONDS = 120.0  # evo's own imports before the variant's first line, on a busy machine too
 MESSAGE_LIMIT = 64 * 1024  # bytes of one hand-over message; longer lines are dropped
+MAX_PROCESSES = 1024  # processes one variant may have at once (cgroups' pids.max would be firmer)
+REASON_LIMIT = 2000  # characters of a reason kept in the record
 _WARNED: set[str] = set()
 
 
@@ -244,16 +247,20 @@ class _Evaluation:
         self._fresh_work_folder()
         ours, theirs = socket.socketpair()
         self.channel = ours
-        argv, info = self._command(theirs.fileno())
+        code_fd = os.open(self.run_dir / "train.py", os.O_RDONLY)
+        argv, info = self._command(theirs.fileno(), code_fd)
         env = child_environment(self.s, self.token, self.sandboxed, self.work, theirs.fileno())
         begun = time.monotonic()
-        self.child = processes.spawn(argv, cwd=self.work, env=env, pass_fds=(theirs.fileno(),) + ((info[1],) if info else ()))
+        passed = (theirs.fileno(), code_fd) + ((info[1],) if info else ())
+        self.child = processes.spawn(argv, cwd=self.work, env=env, pass_fds=passed)
         theirs.close()
+        os.close(code_fd)
         namespace_pid = None
         if info:
             os.close(info[1])
             namespace_pid = sandbox.child_pid(info[0])
-        self.family = processes.Family(self.child.pid, self.token, namespace_pid)
+        self.family = processes.Family(self.child.pid, self.token, namespace_pid, tmpfs=(str(self.work),))
+        self.seen_work = sandbox.inside(namespace_pid, self.work) if namespace_pid else self.work
         self.log = processes.LogCapture(self.child.stdout, self.run_dir / "log.txt")
         try:
             self._watch(begun)
@@ -261,6 +268,7 @@ class _Evaluation:
             self.family.kill()
             self.child.wait()
             self.channel.close()
+            shutil.rmtree(self.work, ignore_errors=True)  # models can be GBs; the record keeps what matters
         log_tail = "\n".join(self.log.finish().splitlines()[-40:])
         if self.killed_for and self.killed_for[0] == "cancelled":
             raise RunCancelled(str(self.run_dir))
@@ -273,15 +281,17 @@ class _Evaluation:
         return result
 
     def _fresh_work_folder(self) -> None:
-        """work/ holds a copy of train.py and whatever the variant writes; a re-run starts it empty."""
+        """work/ holds a copy of train.py and whatever the variant writes; a re-run starts it empty.
+        In the sandbox it is a tmpfs over this (empty) folder; unsandboxed it is the folder itself."""
         if self.work.is_symlink() or self.work.is_file():
             self.work.unlink()
         elif self.work.exists():
             shutil.rmtree(self.work)
         self.work.mkdir()
-        (self.work / "train.py").write_text(self.code)
+        if not self.sandboxed:
+            (self.work / "train.py").write_text(self.code)
 
-    def _command(self, fd: int) -> tuple[list[str], tuple[int, int] | None]:
+    def _command(self, fd: int, code_fd: int) -> tuple[list[str], tuple[int, int] | None]:
         argv = [sys.executable, "-I", "-u", "-B", "-c", processes.LAUNCHER]
         if not self.sandboxed:
             return argv, None
@@ -289,10 +299,13 @@ class _Evaluation:
         visible = ["tokenizer.json", "meta.json", "train.bin"]
         if self.s.evaluation == "in_process":  # unsealed: the variant scores itself, so it must see the splits
             visible += ["val.bin"] + (["heldout.bin"] if self.s.heldout else [])
+        hidden = json.loads((data / prepare.EVAL_SOURCES).read_text()) if (data / prepare.EVAL_SOURCES).is_file() else []
         info = os.pipe()
         tmp_mb = int(self.s.memory_limit_mb or 4096)
-        return sandbox.command(argv, writable=(self.work,), readable=tuple(data / name for name in visible), cwd=self.work,
-                               gpu=self.s.gpu, cuda=self.s.device == "cuda", tmp_mb=tmp_mb, info_fd=info[1]), info
+        return sandbox.command(argv, readable=tuple(data / name for name in visible), workdir=self.work,
+                               files=((code_fd, "train.py"),), gpu=self.s.gpu, cuda=self.s.device == "cuda",
+                               tmp_mb=tmp_mb, info_fd=info[1], hidden=tuple(hidden),
+                               stub=data / "hidden_module.py"), info
 
     # ---- watching ----
     def _watch(self, begun: float) -> None:
@@ -308,15 +321,18 @@ class _Evaluation:
 
     def _limits_broken(self, begun: float) -> bool:
         now = time.monotonic()
-        if self.started_at is None and now - begun > self.s.startup_grace:
-            self.killed_for = ("timeout", f"the launcher did not reach the variant's code within {self.s.startup_grace:.0f} s "
-                                          "(importing torch and prepare)")
+        if self.started_at is None and now - begun > LAUNCH_SECONDS + self.s.startup_grace:
+            self.killed_for = ("timeout", f"the launcher did not reach the variant's code within "
+                                          f"{LAUNCH_SECONDS + self.s.startup_grace:.0f} s (importing torch and prepare)")
         elif self.handover_at is None and self.started_at is not None and now - self.started_at > self.s.training_limit:
             self.killed_for = ("over_budget", f"trained past budget + allowance ({self.s.time_budget:g} s + "
                                               f"{self.s.startup_grace:g} s startup_grace) without handing over a model; "
                                               "the runner's clock runs from the variant's first line to evaluate_bpb")
         elif self.scored_at is not None and now - self.scored_at > EXIT_GRACE:
             return True  # scored: whatever it still does no longer matters
+        elif self.score is None and self.handover_at is not None and now - self.handover_at > self.s.eval_grace:
+            self.killed_for = ("timeout", f"scoring inside the variant's process took longer than eval_grace "
+                                          f"({self.s.eval_grace:g} s)")
         else:
             self.killed_for = self._memory_or_cancel()
         return self.killed_for is not None
@@ -325,6 +341,8 @@ class _Evaluation:
         self.peak_mb = max(self.peak_mb, self.family.memory_mb())
         if self.s.memory_limit_mb and self.peak_mb > self.s.memory_limit_mb:
             return "oom", f"the variant's processes held more than the memory limit of {self.s.memory_limit_mb:.0f} MB"
+        if len(self.family.pids()) > MAX_PROCESSES:
+            return "oom", f"the variant started more than {MAX_PROCESSES} processes"
         if self.cancel is not None and self.cancel.is_set():
             return "cancelled", "cancelled"
         return None
@@ -341,7 +359,7 @@ class _Evaluation:
             line, self.buffer = self.buffer.split(b"\n", 1)
             try:
                 message = json.loads(line) if len(line) <= MESSAGE_LIMIT else {}
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (ValueError, RecursionError):  # whatever the variant sends, the runner goes on
                 message = {}
             if isinstance(message, dict):
                 self._on_message(message)
@@ -356,30 +374,43 @@ class _Evaluation:
         elif event == "export_failed" and self.started_at is not None and self.handover_at is None:
             self.export_failure = str(message.get("reason", ""))[:2000]
         elif event in ("handover", "metrics") and self.started_at is not None:
-            if self.handover_at is None:
+            if self.handover_at is None:  # the training clock stops here
                 self.handover_at = now
                 if now - self.started_at > self.s.training_limit:
                     self.killed_for = ("over_budget", f"handed over after {now - self.started_at:.1f} s, past budget + "
                                                       f"allowance ({self.s.training_limit:g} s)")
                     return
+            if self.score is None:
                 self.score = self._score(message)
-                self.scored_at = time.monotonic()
+                if self.score is not None:
+                    self.scored_at = time.monotonic()
             self._reply_to_variant()
 
-    def _score(self, message: dict) -> dict:
+    def _score(self, message: dict) -> dict | None:
+        """The verdict on a hand-over; None while in_process metrics are still being computed."""
+        event = message.get("event")
         if self.s.evaluation == "in_process":
-            metrics = message.get("metrics") if message.get("event") == "metrics" else None
+            if event == "handover":
+                return None  # evaluate_bpb scores next, inside the variant, and sends the metrics
+            metrics = message.get("metrics")
             if not isinstance(metrics, dict):
                 return {"status": "no_metrics", "reason": "in_process evaluation, but evaluate_bpb sent no metrics"}
             return {"status": "ok", "metrics": metrics}
-        if message.get("event") != "handover":
+        if event != "handover":
             return {"status": "tampered", "reason": "sent metrics of its own; under sealed evaluation only the evaluator scores"}
         name = str(message.get("file", ""))
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", name) or name in (".", ".."):
             return {"status": "export_failed", "reason": f"the hand-over named {name[:100]!r}, not a file in its folder"}
+        limit_mb = min(self.s.max_model_mb, (self.s.memory_limit_mb or 2 * self.s.max_model_mb) / 2)  # it is held twice
         request = {"data_dir": str(self.s.data_dir), "fingerprint": self.s.data_fingerprint, "seq_len": self.s.seq_len,
-                   "eval_tokens": self.s.eval_tokens, "heldout": self.s.heldout, "max_bytes": int(self.s.max_model_mb * 2**20)}
-        return self.evaluator.score(self.work / name, request, self.s.eval_grace, self.s.memory_limit_mb, self._memory_or_cancel)
+                   "eval_tokens": self.s.eval_tokens, "heldout": self.s.heldout, "max_bytes": int(limit_mb * 2**20)}
+        # Frozen while it is scored: nothing it runs can rewrite the file or keep training meanwhile.
+        self.family.signal_all(signal.SIGSTOP)
+        try:
+            return self.evaluator.score(self.seen_work / name, request, self.s.eval_grace, self.s.memory_limit_mb,
+                                        self._memory_or_cancel)
+        finally:
+            self.family.signal_all(signal.SIGCONT)
 
     def _reply_to_variant(self) -> None:
         if self.score is None:
@@ -415,6 +446,7 @@ class _Evaluation:
             result.status, result.reason = classify_failure(result.returncode, result.log_tail)
         else:
             result.status, result.reason = "no_metrics", "exited 0 without handing a model over (prepare.evaluate_bpb)"
+        result.reason = result.reason[:REASON_LIMIT]
 
 
 def _code_intact(path: Path, code: str) -> bool:

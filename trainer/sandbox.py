@@ -6,30 +6,36 @@ namespace: everything it starts dies with it, and the engine's processes and the
 are out of sight), no network (a new network namespace: even 127.0.0.1 is its own), no
 capabilities. What each role adds:
 
-- a variant: its own work folder read-write, prepare.py and the trainer package (evo's
-  hand-over code) read-only, and from the data directory only the tokenizer, meta.json and
-  train.bin (plus val/heldout when `evaluation: in_process` scores inside the variant);
+- a variant: its work folder, a size-capped tmpfs (so it fills memory that is counted, never the
+  disk) holding a copy of its train.py; prepare.py and the trainer package (evo's hand-over code)
+  read-only; and from the data directory only the tokenizer, meta.json and train.bin (plus
+  val/heldout when `evaluation: in_process` scores inside the variant);
 - the evaluator: the whole data directory read-only; nothing writable but its private /tmp.
 
-The user's home, the run directory, other variants and every other path on the machine are
-simply not there. Where bubblewrap is missing or refused, `probe()` says why, in plain words.
+The user's home, the run directory, other variants, most of /etc and every other path on the
+machine are simply not there. Where bubblewrap is missing or refused, `probe()` says why, in plain words.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import shutil
 import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import prepare
 import trainer
 
-SYSTEM_DIRS = ("/usr", "/etc", "/sys")
+SYSTEM_DIRS = ("/usr", "/sys")
+# From /etc only what the dynamic linker, Python and CUDA read: not shadow files, keys or secrets.
+ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime", "timezone", "passwd", "group",
+             "nsswitch.conf", "hosts", "alternatives", "mime.types", "os-release", "debian_version", "nvidia")
 ROOT_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 NVIDIA_CONTROL = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
@@ -41,7 +47,7 @@ def probe() -> str | None:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return f"bubblewrap (bwrap) is not installed; {INSTALL_HINT}"
-    argv = command([sys.executable, "-I", "-c", "import torch"], writable=(), readable=())
+    argv = command([sys.executable, "-I", "-c", "import torch"])
     try:
         done = subprocess.run(argv, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -53,12 +59,21 @@ def probe() -> str | None:
     return None
 
 
-def command(argv: list[str], writable: tuple[Path, ...], readable: tuple[Path, ...], cwd: Path | None = None,
-            gpu: int | None = None, cuda: bool = False, tmp_mb: int = 4096, info_fd: int | None = None) -> list[str]:
-    """The bwrap command line that runs argv in the sandbox, with extra paths bound in."""
+def command(argv: list[str], readable: tuple[Path, ...] = (), workdir: Path | None = None,
+            files: tuple[tuple[int, str], ...] = (), gpu: int | None = None, cuda: bool = False,
+            tmp_mb: int = 4096, info_fd: int | None = None, hidden: tuple[str, ...] = (),
+            stub: Path | None = None) -> list[str]:
+    """The bwrap command line that runs argv in the sandbox.
+
+    `readable` paths are bound read-only where they are. `workdir` becomes a size-capped tmpfs
+    (memory, counted and gone with the sandbox, so it can fill no disk) and the cwd, holding
+    `files` copied in from open descriptors (fd, name). Each `hidden` file (evaluation text of
+    the embedded corpus) and its cached bytecode are covered by `stub`.
+    """
+    size = ["--size", str(tmp_mb * 2**20)]
     args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--hostname", "evo-sandbox", "--proc", "/proc", "--dev", "/dev",
-            "--size", str(tmp_mb * 2**20), "--tmpfs", "/tmp", "--size", str(tmp_mb * 2**20), "--tmpfs", "/dev/shm"]
+            *size, "--tmpfs", "/tmp", *size, "--tmpfs", "/dev/shm"]
     for link in ROOT_LINKS:
         if os.path.islink(link):
             args += ["--symlink", os.readlink(link), link]
@@ -66,22 +81,35 @@ def command(argv: list[str], writable: tuple[Path, ...], readable: tuple[Path, .
             args += ["--ro-bind", link, link]
     for path in SYSTEM_DIRS:
         args += ["--ro-bind-try", path, path]
+    for name in ETC_FILES:
+        args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    for other in _other_stdlibs():  # another Python's copy of the standard library, e.g. the system's
+        args += ["--tmpfs", other]
     for path in _python_paths():
         args += _bind("--ro-bind", path)
+    for path in hidden if stub is not None else ():
+        for target in [path, *glob.glob(os.path.join(os.path.dirname(path), "__pycache__",
+                                                      os.path.basename(path)[:-3] + ".*.pyc"))]:
+            args += ["--ro-bind-try", str(stub), target]
     for path in readable:
         args += _bind("--ro-bind", Path(path))
-    for path in writable:
-        args += _bind("--bind", Path(path))
     if cuda:
         args += _gpu_nodes(gpu)
+    if workdir is not None:
+        args += [*size, "--tmpfs", str(workdir), "--chdir", str(workdir)]
+        for fd, name in files:
+            args += ["--file", str(fd), str(Path(workdir) / name)]
     # Nothing else is writable: the root and /dev are tmpfs that bwrap made, and a file there
     # would be memory that no limit counts.
     args += ["--remount-ro", "/dev", "--remount-ro", "/"]
-    if cwd is not None:
-        args += ["--chdir", str(cwd)]
     if info_fd is not None:
         args += ["--info-fd", str(info_fd)]
     return args + ["--", *argv]
+
+
+def inside(namespace_pid: int, path: Path) -> Path:
+    """A path as the sandbox sees it, reached from outside through its first process's root."""
+    return Path(f"/proc/{namespace_pid}/root") / Path(path).relative_to("/")
 
 
 def child_pid(info_fd: int) -> int | None:
@@ -110,6 +138,16 @@ def _python_paths() -> list[Path]:
         paths.add(user_site)
     paths.update({prepare.__file__, os.path.dirname(trainer.__file__)})  # an editable install lives in the checkout
     return [Path(p) for p in sorted(paths) if not _under_system(p)]
+
+
+def _other_stdlibs() -> list[str]:
+    """Standard-library folders of Pythons other than this one, under the system folders bound in."""
+    ours = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    found = []
+    for pattern in ("/usr/lib/python3.*", "/usr/lib64/python3.*", "/usr/local/lib/python3.*"):
+        found += [p for p in glob.glob(pattern) if os.path.isdir(p) and os.path.realpath(p) != ours
+                  and not os.path.realpath(sys.prefix).startswith(os.path.realpath(p))]
+    return sorted(found)
 
 
 def _under_system(path: str) -> bool:

@@ -39,13 +39,40 @@ LAYOUTS = {"strided": torch.strided}
 MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format": torch.preserve_format,
                   "channels_last": torch.channels_last}
 
-# Operators that touch files, print, reinterpret raw storage, skip bounds checks or carry
-# formats the reader does not know. Mutating operators are refused by their schema.
-_DENIED = re.compile(r"from_file|save|load|print|warn|storage|unsafe|^set|nested|sparse|mkldnn|quantiz"
-                     r"|pin_memory|record_stream|_cufft|_cudnn_init|^_?foreach|^_?fused_adam")
+# What a handed-over graph may call: torch's core ATen operator set (the small, stable IR its
+# compilers target) plus the composite operators torch.export keeps for a transformer (linear,
+# attention, norms, ...), listed by name. Nothing else: an allow-list, because the long tail of
+# ATen holds operators that read files, skip bounds checks or return uninitialised memory.
+_COMPOSITE = """
+    linear bilinear scaled_dot_product_attention _scaled_dot_product_flash_attention
+    _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention
+    _scaled_dot_product_cudnn_attention rms_norm layer_norm group_norm batch_norm instance_norm
+    embedding unbind chunk split split_with_sizes tensor_split to _assert_tensor_metadata square
+    transpose t swapaxes movedim reshape contiguous matmul einsum softmax log_softmax gelu silu mish
+    softplus hardtanh relu6 dropout flatten unflatten expand_as view_as type_as repeat_interleave
+    baddbmm cumsum cumprod tril triu masked_fill where zeros_like ones_like full_like new_zeros
+    new_ones new_full new_empty outer polar view_as_complex view_as_real complex stack hstack vstack
+    narrow index_select squeeze unsqueeze norm linalg_vector_norm rsqrt lerp sigmoid logsumexp mean
+    std var conv1d conv2d pad roll flip clamp minimum maximum floor_divide remainder argmax topk sort
+    detach clone lift_fresh_copy cross dot vdot kron atleast_2d broadcast_to logical_and logical_or
+    logical_not one_hot cosine_similarity _unsafe_view
+"""
+# Even if listed above: reinterpreting storage, resizing, and operators the evaluator never wants.
+_DENIED = re.compile(r"as_strided|resize|storage|unsafe_(index|masked|split|chunk)|from_file|save|load|print|warn"
+                     r"|^set|nested|sparse|mkldnn|quantiz|pin_memory|record_stream|segment_reduce")
 # Allocations whose memory is not initialised could show the evaluator's earlier data: zeroed.
 _UNINITIALISED = re.compile(r"^(new_)?empty(_like|_strided|_permuted)?$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def is_allowed(op: torch._ops.OpOverload) -> bool:
+    """On the allow-list: a core ATen operator or a listed composite, never denied or mutating."""
+    packet_name = op.name().removeprefix("aten::").partition(".")[0]
+    return (op.namespace == "aten" and not _DENIED.search(packet_name) and not op._schema.is_mutable
+            and (packet_name in _COMPOSITES or torch.Tag.core in op.tags))
+
+
+_COMPOSITES = frozenset(_COMPOSITE.split())
 
 
 class ExportError(Exception):
@@ -94,6 +121,10 @@ def write_model(model: torch.nn.Module, batch_size: int, seq_len: int, device: s
     try:
         with torch.no_grad():
             program = torch.export.export(module, (example,), strict=False)
+        if _has_in_place_ops(program.graph_module):
+            # In-place ops (relu_, add_ on an activation) become out-of-place, and a write to the
+            # model's own state becomes a visible mutation, refused just below.
+            program = program.run_decompositions({})
     except Exception as e:  # torch.export raises many types; all mean "this model cannot be captured"
         raise ExportError(_short(e)) from None
 
@@ -131,6 +162,14 @@ def write_model(model: torch.nn.Module, batch_size: int, seq_len: int, device: s
     return header
 
 
+def _has_in_place_ops(module: torch.nn.Module) -> bool:
+    for graph_module in module.modules():
+        for node in getattr(graph_module, "graph", torch.fx.Graph()).nodes:
+            if isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable:
+                return True
+    return False
+
+
 def _tensor_bytes(name: str, tensor: torch.Tensor) -> bytes:
     if tensor.dtype not in _DTYPE_NAMES or tensor.layout != torch.strided or tensor.is_quantized:
         raise ExportError(f"tensor {name} has dtype {tensor.dtype} / layout {tensor.layout}, which the evaluator cannot load")
@@ -164,6 +203,9 @@ def _encode_call(module: torch.fx.GraphModule, node: torch.fx.Node, values: dict
     if target is operator.getitem:
         return {"op": "getitem", "args": [_encode_value(a, values) for a in node.args]}
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        if not is_allowed(target):
+            raise ExportError(f"the graph calls aten.{_op_name(target)}, which the evaluator does not run "
+                              "(allowed: core ATen plus the composites listed in trainer/sealed.py)")
         return {"op": _op_name(target), "args": [_encode_value(a, values) for a in node.args],
                 "kwargs": {k: _encode_value(v, values) for k, v in node.kwargs.items()}}
     name = getattr(target, "__name__", str(target))
@@ -222,18 +264,14 @@ def _check_operator(name: str):
     """An ATen operator by its 'packet.overload' name, or SealedFormatError saying why not."""
     packet_name, _, overload_name = name.partition(".")
     if not (_NAME.match(packet_name) and _NAME.match(overload_name or "default")):
-        raise SealedFormatError(f"{name!r} is not an operator name")
-    if _DENIED.search(packet_name):
-        raise SealedFormatError(f"operator aten.{name} is not allowed in a handed-over model")
+        raise SealedFormatError(f"{name[:80]!r} is not an operator name")
     try:
-        packet = getattr(torch.ops.aten, packet_name)
-        op = getattr(packet, overload_name or "default")
+        op = getattr(getattr(torch.ops.aten, packet_name), overload_name or "default")
     except (AttributeError, RuntimeError):
-        raise SealedFormatError(f"aten.{name} is not an operator of this torch ({torch.__version__})") from None
-    if not isinstance(op, torch._ops.OpOverload) or op.namespace != "aten":
-        raise SealedFormatError(f"aten.{name} is not an ATen operator")
-    if op._schema.is_mutable:
-        raise SealedFormatError(f"operator aten.{name} mutates its arguments; a handed-over model must be stateless")
+        op = None
+    if not isinstance(op, torch._ops.OpOverload) or not is_allowed(op):
+        raise SealedFormatError(f"operator aten.{name} is not on the evaluator's list of allowed operators "
+                                "(core ATen plus the composites in trainer/sealed.py)")
     if _UNINITIALISED.match(packet_name):
         return _zeroed(op)
     return op
@@ -278,8 +316,8 @@ def read_model(data: bytes | memoryview, device: str | torch.device, max_batch: 
         raise SealedFormatError(f"header of {length} bytes does not fit the file")
     try:
         header = json.loads(bytes(view[16 : 16 + length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SealedFormatError(f"header is not JSON: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise SealedFormatError(f"header is not JSON that can be read: {str(e)[:200]}") from None
     if not isinstance(header, dict) or not {"batch_size", "seq_len", "tensors", "graph"} <= set(header):
         raise SealedFormatError("header lacks batch_size, seq_len, tensors or graph")
     batch, seq = header["batch_size"], header["seq_len"]
@@ -289,7 +327,10 @@ def read_model(data: bytes | memoryview, device: str | torch.device, max_batch: 
     tensors = {}
     for name, spec in _mapping(header["tensors"], "tensors").items():
         tensors[name] = _read_tensor(name, spec, body, device)
-    return Model(header, tensors, device)
+    try:
+        return Model(header, tensors, device)
+    except RecursionError:
+        raise SealedFormatError("the graph is nested too deeply") from None
 
 
 def _mapping(value, what: str) -> dict:
@@ -304,10 +345,11 @@ def _read_tensor(name: str, spec: dict, body: memoryview, device: torch.device) 
         shape = [int(s) for s in spec["shape"]]
         offset, nbytes = int(spec["offset"]), int(spec["nbytes"])
     except (KeyError, TypeError, ValueError):
-        raise SealedFormatError(f"tensor {name!r}: bad dtype/shape/offset/nbytes in {spec!r:.200}") from None
+        raise SealedFormatError(f"tensor {name[:80]!r}: bad dtype/shape/offset/nbytes in {spec!r:.200}") from None
     numel = math.prod(shape)
     if any(s < 0 for s in shape) or nbytes != numel * dtype.itemsize or offset < 0 or offset + nbytes > len(body):
-        raise SealedFormatError(f"tensor {name!r}: shape {shape} of {spec['dtype']} does not match its {nbytes} bytes at {offset}")
+        raise SealedFormatError(f"tensor {name[:80]!r}: shape {str(shape)[:80]} of {spec['dtype']} does not match its "
+                                f"{nbytes} bytes at {offset}")
     if numel == 0:
         return torch.empty(shape, dtype=dtype, device=device)
     raw = torch.frombuffer(body, dtype=torch.uint8, count=nbytes, offset=offset)
