@@ -181,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from evo.config import ConfigError
     from evo.store import StoreError
-    from trainer.runner import EvaluationUntrusted, SandboxUnavailable
+    from trainer.runner import EvaluationUntrusted, EvaluatorFailed, SandboxUnavailable
 
     try:
         return args.handler(args, [])
-    except (ConfigError, StoreError, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted) as e:
+    except (ConfigError, StoreError, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted, EvaluatorFailed) as e:
         print(f"evo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

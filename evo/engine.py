@@ -27,8 +27,8 @@ from mutators import registry
 from mutators.base import Context, Failure, Idea, Parent, Refusal, Relative
 from trainer import processes
 from trainer.evaluator import Evaluator
-from trainer.runner import (EvaluationUntrusted, RunCancelled, RunResult, RunSettings, SandboxUnavailable, code_sha256,
-                            run_variant, use_sandbox)
+from trainer.runner import (EvaluationUntrusted, EvaluatorFailed, RunCancelled, RunResult, RunSettings,
+                            SandboxUnavailable, code_sha256, run_variant, use_sandbox)
 
 BREED_ATTEMPTS = 20  # tries for a new, valid, unseen child before a worker waits
 
@@ -441,7 +441,7 @@ class Engine:
                     free.append(slot)
                     try:
                         collected = self._collect(future, slot, kind)
-                    except (EvaluationUntrusted, SandboxUnavailable) as e:
+                    except (EvaluationUntrusted, SandboxUnavailable, EvaluatorFailed) as e:
                         # Not the variant's fault: stop everything; what was in flight stays queued.
                         reason = f"stopped, nothing more can be evaluated: {e}"
                         self.cancel.set()

@@ -278,3 +278,13 @@ def test_an_unsealed_unsandboxed_run_says_so_in_status_and_export(setup_run, tmp
     assert "UNSEALED" in text and "unsandboxed" in text
     meta = json.loads((export(run_dir, tmp_path / "out") / "metadata.json").read_text())
     assert meta["scored"].startswith("UNSEALED") and meta["sandbox"] == "none"
+
+
+def test_a_changed_prepare_stops_the_run_cleanly_and_keeps_the_evaluation_queued(setup_run):
+    config_path, run_dir, _ = setup_run(max_evaluations=3)
+    engine = start_run(load_config(config_path), config_path, log=lambda line: None)
+    engine.prepare_hash = "0" * 64  # as if prepare.py had been edited since the run started
+    reason = engine.run()
+    assert reason.startswith("stopped, nothing more can be evaluated") and "prepare.py" in reason
+    individuals, state = RunStore(run_dir).load()
+    assert [i.status for i in individuals] == ["pending"] and state["counters"]["evaluations"] == 0

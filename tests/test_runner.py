@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
 import threading
 import time
@@ -229,3 +230,15 @@ def test_the_variant_folder_is_the_only_one_written(small_data, tmp_path):
     run_variant(TINY_MODEL + SCORE, settings(small_data), run_dir=tmp_path / "v")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before + ["v"])
     assert Path(small_data, "meta.json").is_file()
+
+
+def test_an_evaluator_that_cannot_start_stops_the_caller_instead_of_blaming_the_variant(small_data, tmp_path, monkeypatch):
+    from trainer import evaluator as evaluator_module
+    from trainer.runner import EvaluatorFailed
+
+    monkeypatch.setattr(evaluator_module, "READY_SECONDS", 60.0)
+    broken = evaluator_module.Evaluator("cpu", sandboxed=False, log_path=tmp_path / "evaluator.log")
+    monkeypatch.setattr(broken, "_command", lambda data_dir: ([sys.executable, "-c", "raise SystemExit('no torch here')"], None))
+    with pytest.raises(EvaluatorFailed, match="did not start"):
+        run_variant(TINY_MODEL + SCORE, settings(small_data), run_dir=tmp_path / "v", evaluator=broken)
+    assert "no torch here" in (tmp_path / "evaluator.log").read_text()

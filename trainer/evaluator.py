@@ -155,8 +155,8 @@ def main() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class EvaluatorFailed(Exception):
-    """The evaluator process itself could not start or answer (not a variant's failure)."""
+class EvaluatorFailed(RuntimeError):
+    """The evaluator process itself could not start (not a variant's failure: the run stops)."""
 
 
 class Evaluator:
@@ -200,10 +200,12 @@ class Evaluator:
             namespace_pid = sandbox.child_pid(info[0])
         self.family = processes.Family(self.process.pid, token="", namespace_pid=namespace_pid)
         self.data_dirs = {data_dir}
-        reply = self._read_reply(time.monotonic() + READY_SECONDS, None, lambda: None)
-        if not reply.get("ready"):
+        try:
+            self._read_reply(time.monotonic() + READY_SECONDS, None, lambda: None)  # its "ready" line
+        except _Stopped as stop:  # no variant's fault: nothing can be scored until this is fixed
             self.close()
-            raise EvaluatorFailed(f"the evaluator did not start: {reply.get('reason', reply)}")
+            where = f"; its output is in {self.log_path}" if self.log_path else ""
+            raise EvaluatorFailed(f"the evaluator process did not start ({stop.reason}){where}") from None
 
     def score(self, model_file: Path, request: dict, deadline_seconds: float, memory_limit_mb: float | None,
               watch: Callable[[], tuple[str, str] | None]) -> dict:

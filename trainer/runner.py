@@ -38,7 +38,7 @@ from pathlib import Path
 
 import prepare
 from trainer import processes, sandbox
-from trainer.evaluator import Evaluator
+from trainer.evaluator import Evaluator, EvaluatorFailed  # noqa: F401  (EvaluatorFailed: callers catch it here)
 from trainer.files import write_atomic
 from trainer.precheck import precheck
 
@@ -214,7 +214,7 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
     sandboxed = use_sandbox(settings.sandbox)
     own_evaluator = evaluator is None and settings.evaluation == "sealed"
     if own_evaluator:
-        evaluator = Evaluator(settings.device, settings.gpu, settings.threads, sandboxed)
+        evaluator = Evaluator(settings.device, settings.gpu, settings.threads, sandboxed, run_dir / "evaluator.log")
     try:
         result = _Evaluation(code, settings, run_dir, run_token, cancel, evaluator, sandboxed).run()
     finally:

@@ -43,7 +43,7 @@ MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format
 # compilers target) plus the composite operators torch.export keeps for a transformer (linear,
 # attention, norms, ...), listed by name. Nothing else: an allow-list, because the long tail of
 # ATen holds operators that read files, skip bounds checks or return uninitialised memory.
-_COMPOSITE = """
+_COMPOSITES = frozenset("""
     linear bilinear scaled_dot_product_attention _scaled_dot_product_flash_attention
     _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention
     _scaled_dot_product_cudnn_attention rms_norm layer_norm group_norm batch_norm instance_norm
@@ -56,7 +56,7 @@ _COMPOSITE = """
     std var conv1d conv2d pad roll flip clamp minimum maximum floor_divide remainder argmax topk sort
     detach clone lift_fresh_copy cross dot vdot kron atleast_2d broadcast_to logical_and logical_or
     logical_not one_hot cosine_similarity _unsafe_view
-"""
+""".split())
 # Even if listed above: reinterpreting storage, resizing, and operators the evaluator never wants.
 _DENIED = re.compile(r"as_strided|resize|storage|unsafe_(index|masked|split|chunk)|from_file|save|load|print|warn"
                      r"|^set|nested|sparse|mkldnn|quantiz|pin_memory|record_stream|segment_reduce")
@@ -70,9 +70,6 @@ def is_allowed(op: torch._ops.OpOverload) -> bool:
     packet_name = op.name().removeprefix("aten::").partition(".")[0]
     return (op.namespace == "aten" and not _DENIED.search(packet_name) and not op._schema.is_mutable
             and (packet_name in _COMPOSITES or torch.Tag.core in op.tags))
-
-
-_COMPOSITES = frozenset(_COMPOSITE.split())
 
 
 class ExportError(Exception):
