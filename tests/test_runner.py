@@ -242,3 +242,13 @@ def test_an_evaluator_that_cannot_start_stops_the_caller_instead_of_blaming_the_
     with pytest.raises(EvaluatorFailed, match="did not start"):
         run_variant(TINY_MODEL + SCORE, settings(small_data), run_dir=tmp_path / "v", evaluator=broken)
     assert "no torch here" in (tmp_path / "evaluator.log").read_text()
+
+
+def test_relative_run_and_data_folders_work(small_data, tmp_path, monkeypatch):
+    import shutil
+
+    shutil.copytree(small_data, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)  # as `evo run` with run.dir: runs and data.dir: data does
+    result = run_variant(TINY_MODEL + SCORE, settings("data"), run_dir="runs/v")
+    assert result.status == "ok", (result.status, result.reason, result.log_tail)
+    assert (tmp_path / "runs" / "v" / "result.json").is_file()

@@ -19,6 +19,7 @@ caller cancelled.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -200,7 +201,9 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
     if prepare_hash() != expected:
         raise PrepareChanged(f"{prepare.__file__} changed since the run started; evaluations are no longer "
                              "comparable. Restore it (git checkout prepare.py) and resume.")
-    run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="evo-run-"))
+    # Absolute paths: the variant runs in another cwd, and bubblewrap binds absolute paths only.
+    run_dir = Path(run_dir).resolve() if run_dir else Path(tempfile.mkdtemp(prefix="evo-run-"))
+    settings = dataclasses.replace(settings, data_dir=str(Path(settings.data_dir).resolve()))
     run_dir.mkdir(parents=True, exist_ok=True)
     _place_code(run_dir / "train.py", code)
     run_token = run_token or uuid.uuid4().hex
