@@ -63,17 +63,17 @@ def test_in_process_evaluation_is_marked_unsealed(small_data, tmp_path):
     assert "heldout_bpb" in unsealed.metrics
 
 
+def handing_over(forward_body: str) -> str:
+    """A variant that hands over the bigram table with another forward."""
+    body = textwrap.indent(textwrap.dedent(forward_body).strip() + "\n", " " * 8)
+    return TINY_MODEL + "class Table(Bigram):\n    def forward(self, idx):\n" + body + "prepare.evaluate_bpb(Table(), tok, 8)\n"
+
+
 def test_a_model_that_cannot_be_exported_is_export_failed_with_a_short_reason(small_data):
-    code = TINY_MODEL + textwrap.dedent("""
-        class Branchy(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.table = torch.nn.Embedding(tok.vocab_size, tok.vocab_size)
-            def forward(self, idx):
-                if self.table(idx).sum() > 0:  # data-dependent Python control flow
-                    return self.table(idx)
-                return -self.table(idx)
-        prepare.evaluate_bpb(Branchy(), tok, 8)
+    code = handing_over("""
+        if self.table(idx).sum() > 0:  # data-dependent Python control flow
+            return self.table(idx)
+        return -self.table(idx)
     """)
     result = run_variant(code, settings(small_data))
     assert result.status == "export_failed", (result.status, result.reason)
@@ -81,15 +81,7 @@ def test_a_model_that_cannot_be_exported_is_export_failed_with_a_short_reason(sm
 
 
 def test_non_causal_model_is_tampered(small_data):
-    code = TINY_MODEL + textwrap.dedent("""
-        class Peek(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.table = torch.nn.Embedding(tok.vocab_size, tok.vocab_size)
-            def forward(self, idx):
-                return self.table(torch.roll(idx, -1, dims=1))
-        prepare.evaluate_bpb(Peek(), tok, 8)
-    """)
+    code = handing_over("return self.table(torch.roll(idx, -1, dims=1))\n")
     result = run_variant(code, settings(small_data))
     assert result.status == "tampered" and "non-causal" in result.reason
 
