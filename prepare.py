@@ -214,7 +214,7 @@ def _embedded_documents() -> Iterator[str]:
 # The embedded corpus is text every Python process can read, a sandboxed variant's included, so
 # its evaluation documents come only from modules the sandbox can hide without harm: ones that
 # torch, numpy, evo's hand-over and the stdlib modules a training script plausibly imports never
-# load, and that have no near-copy in site-packages. build() lists them in eval_sources.json; the
+# load, and that have no near-copy anywhere the sandbox shows (site-packages, a bundled Python). build() lists them in eval_sources.json; the
 # sandbox puts an ImportError stub over each (and over its cached bytecode).
 _VARIANT_STDLIB = """
     abc argparse array ast base64 bisect collections concurrent.futures contextlib copy csv ctypes dataclasses
@@ -248,7 +248,6 @@ HIDDEN_MODULE_STUB = (
 
 def _hideable(paths: list[Path]) -> list[bool]:
     """For each stdlib file: may it be evaluation text, i.e. can the sandbox hide it?"""
-    import site
     import subprocess
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
@@ -257,13 +256,28 @@ def _hideable(paths: list[Path]) -> list[bool]:
     if probe.returncode != 0:
         raise PrepareError(f"could not list the modules a variant needs: {probe.stderr.strip()[-500:]}")
     needed = {os.path.realpath(f) for f in json.loads(probe.stdout.strip().splitlines()[-1]) if f}
-    copies: dict[str, list[str]] = {}  # basename -> .py files in site-packages (vendored stdlib lives there)
-    for root in {*site.getsitepackages(), sysconfig.get_paths()["purelib"]}:
-        for dirpath, _, filenames in os.walk(root):
-            for f in filenames:
-                if f.endswith(".py"):
-                    copies.setdefault(f, []).append(os.path.join(dirpath, f))
+    copies = _visible_python_files(paths)
     return [os.path.realpath(p) not in needed and not _has_near_copy(p, copies.get(p.name, [])) for p in paths]
+
+
+def _visible_python_files(corpus: list[Path]) -> dict[str, list[str]]:
+    """basename -> .py files a sandboxed variant can read that are not corpus documents: vendored or
+    bundled copies of the standard library live among them (other Pythons' stdlibs are hidden)."""
+    from trainer import sandbox
+
+    skip = {os.path.realpath(p) for p in corpus}
+    hidden = tuple(os.path.realpath(d) + "/" for d in sandbox._other_stdlibs())
+    found: dict[str, list[str]] = {}
+    for root in sandbox.visible_roots():
+        for dirpath, dirnames, filenames in os.walk(root):
+            if (os.path.realpath(dirpath) + "/").startswith(hidden):
+                dirnames[:] = []
+                continue
+            for f in filenames:
+                path = os.path.join(dirpath, f)
+                if f.endswith(".py") and os.path.realpath(path) not in skip:
+                    found.setdefault(f, []).append(path)
+    return found
 
 
 def _has_near_copy(path: Path, candidates: list[str]) -> bool:
@@ -617,13 +631,14 @@ def score_rows(forward, rows: torch.Tensor, batch_size: int, token_bytes: torch.
                device, donors: np.ndarray | None = None, rng: random.Random | None = None) -> dict:
     """Bits per byte of `rows` under `forward`, which always gets exactly batch_size rows.
 
-    A batch holds windows that are never neighbours in the text (row b, b + n_batches, ...), so no
-    row's continuation sits beside it, and the model gets its input in fresh memory that holds
-    nothing else. With `donors` (other text) and `rng`, the model is probed (`_probe_cuts`,
-    `_probe_mixing`): every position of the window is checked once for reading ahead.
+    A batch holds windows that are never neighbours in the text (row b, b + n_batches, ...; at
+    least two batches), so no row's continuation sits beside it, and the model gets its input in
+    fresh memory that holds nothing else. With `donors` (other text) and `rng` the model is probed
+    (`_probe`): once per cut position, rows keep their prefix and get another text's future; and
+    in some batches, kept rows stay whole while the other rows are replaced.
     """
     n_rows, T = rows.shape[0], rows.shape[1] - 1
-    n_batches = -(-n_rows // batch_size)
+    n_batches = max(min(2, n_rows), -(-n_rows // batch_size))  # two at least: neighbours never share one
     probing = rng is not None and donors is not None and T >= 2
     cuts = rng.sample(range(1, T), T - 1) if probing else []  # every cut position, in an order nobody knows
     cut_chunks = [cuts[i : i + batch_size] for i in range(0, len(cuts), batch_size)]
@@ -639,9 +654,9 @@ def score_rows(forward, rows: torch.Tensor, batch_size: int, token_bytes: torch.
         logits = logits_of(forward, x, vocab_size)
         for chunk in cut_chunks[b::n_batches]:
             probed_rows += _probe(forward, x, logits, vocab_size, donors, rng, dict(enumerate(chunk)), replace_others=False)
-        if b in mixing:
+        if b in mixing:  # kept rows stay whole and must not move at any position, the last one included
             parity = rng.randrange(2)
-            kept = {j: rng.randrange(1, T) for j in range(batch_size) if batch_size == 1 or j % 2 == parity}
+            kept = {j: T for j in range(batch_size) if batch_size == 1 or j % 2 == parity}
             probed_rows += _probe(forward, x, logits, vocab_size, donors, rng, kept, replace_others=True)
         logits, y = logits[:real], y[:real]
         nats = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), y.reshape(-1), reduction="none")
@@ -656,10 +671,10 @@ def score_rows(forward, rows: torch.Tensor, batch_size: int, token_bytes: torch.
 
 def _probe(forward, x: torch.Tensor, logits: torch.Tensor, vocab_size: int, donors: np.ndarray, rng: random.Random,
            cuts: dict[int, int], replace_others: bool) -> int:
-    """Rows in `cuts` keep their prefix up to the cut and get another text's future; with
-    replace_others, every other row of the batch is replaced whole. A kept row's log-probabilities
-    before its cut must not move: a model that reads ahead, or reads other rows, is caught.
-    Returns the number of rows checked."""
+    """Rows in `cuts` keep their prefix up to the cut and get another text's future (a cut of T
+    keeps the row whole); with replace_others, every other row of the batch is replaced whole. A
+    kept row's log-probabilities before its cut must not move: a model that reads ahead, or reads
+    other rows, is caught. Returns the number of rows checked."""
     B, T = x.shape
     changed = x.clone()
     for j in range(B):

@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import sys
+import sysconfig
 import threading
 from pathlib import Path
 
@@ -252,6 +253,24 @@ PEEKS = {
 }
 
 
+def test_one_batch_for_every_row_cannot_put_a_rows_continuation_beside_it(arena):
+    """With batch_size >= the number of rows, row j+1 would start with row j's last target."""
+    code = HONEST + """
+class NextRow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = model
+    def forward(self, idx):
+        out = self.inner(idx)
+        following = torch.roll(idx[:, 0], -1, dims=0)  # the first token of the next row in the batch
+        last = torch.nn.functional.one_hot(following, out.shape[-1]).float() * 20.0
+        return torch.cat([out[:, :-1], out[:, -1:] + last[:, None]], dim=1)
+print(prepare.evaluate_bpb(NextRow(), tok, 64))
+"""
+    result = arena.run(code)  # 1024 eval tokens at seq_len 32: 32 rows, all in one batch of 64 if allowed
+    assert result.status == "tampered" and "other rows" in result.reason, (result.status, result.reason)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("where", sorted(PEEKS))
 def test_a_model_that_reads_ahead_after_training_is_caught(arena, where):
@@ -309,6 +328,17 @@ CRAFTED = {
         "nodes": [{"op": "segment_reduce.default", "args": [{"input": 0}, "sum"], "kwargs": {"unsafe": True}}],
         "output": {"node": 0}}},
     "nests its header deeper than any parser recurses": None,
+    "reads past a buffer with a low-level batch norm": {"batch_size": 8, "seq_len": 32, "tensors": {}, "graph": {
+        "nodes": [{"op": "_native_batch_norm_legit_no_training.default",
+                   "args": [{"input": 0}, None, None, {"input": 0}, {"input": 0}, 0.1, 1e-5]}], "output": {"node": 0}}},
+    "writes past a buffer with a pooling backward": {"batch_size": 8, "seq_len": 32, "tensors": {}, "graph": {
+        "nodes": [{"op": "max_pool2d_with_indices_backward.default",
+                   "args": [{"input": 0}, {"input": 0}, [1, 1], [1, 1], [0, 0], [1, 1], False, {"input": 0}]}],
+        "output": {"node": 0}}},
+    "adds noise the evaluator's random state decides": {"batch_size": 8, "seq_len": 32, "tensors": {}, "graph": {
+        "nodes": [{"op": "randn.default", "args": [[8, 32, 512]], "kwargs": {}}], "output": {"node": 0}}},
+    "passes arguments of the wrong kind": {"batch_size": 8, "seq_len": 32, "tensors": {}, "graph": {
+        "nodes": [{"op": "neg.default", "args": 5}], "output": {"node": 0}}},
 }
 
 
@@ -348,15 +378,18 @@ channel.sock.sendall(b"[" * 60000 + b"\\n" + b"\\xff\\xfe not json\\n" + b"x" * 
 def test_the_variant_is_frozen_while_its_model_is_scored(arena):
     """Nothing it runs can rewrite the handed-over file or train on while the evaluator scores."""
     code = HONEST + """
-import threading, time
-beats = []
-def heart():
-    while True:
-        beats.append(time.monotonic())
-        time.sleep(0.002)
-threading.Thread(target=heart, daemon=True).start()
+import os, time
+if os.fork() == 0:  # a detached grandchild (double fork, new session) keeps a heartbeat in a file
+    os.setsid()
+    if os.fork() == 0:
+        with open("beats", "a") as f:
+            while True:
+                f.write(f"{time.monotonic()}\\n"); f.flush(); time.sleep(0.002)
+    os._exit(0)
+time.sleep(0.5)
 start = time.monotonic()
 prepare.evaluate_bpb(model, tok, 8)
+beats = [float(b) for b in open("beats").read().split()]
 during = [b for b in beats if b > start]
 print("LONGEST_PAUSE", max(b - a for a, b in zip(during, during[1:])))
 """
@@ -399,33 +432,45 @@ print("FOUND", found, sorted(os.listdir(prepare.DATA_DIR)))
 
 
 def test_the_embedded_corpus_evaluation_text_is_not_in_the_sandbox(arena):
-    """The default corpus is the standard library, which Python needs; its val and held-out files are stubbed."""
-    hidden = json.loads((arena.data / prepare.EVAL_SOURCES).read_text())
+    """The default corpus is the standard library, which Python needs: its val and held-out files are
+    stubbed, and no copy of them, exact or near (another Python's stdlib, a vendored one), is readable."""
+    hidden = [Path(p) for p in json.loads((arena.data / prepare.EVAL_SOURCES).read_text())]
     assert hidden, "the embedded corpus should have evaluation documents"
-    secret = {hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in hidden}
     code = HONEST + """
-import glob, hashlib, importlib, os, sysconfig
-seen = set()
-roots = [sysconfig.get_paths()["stdlib"]] + glob.glob("/usr/lib/python3*") + glob.glob("/usr/local/lib/python3*")
-for root in roots:
-    for top, dirs, files in os.walk(root):
-        for name in files:
+import hashlib, importlib, os
+names = %NAMES%
+found = {}
+for top, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.join(top, d) not in ("/proc", "/sys", "/dev")]
+    for name in files:
+        if name in names:
             try:
-                seen.add(hashlib.sha256(open(os.path.join(top, name), "rb").read()).hexdigest())
+                found[os.path.join(top, name)] = hashlib.sha256(open(os.path.join(top, name), "rb").read()).hexdigest()
             except OSError:
                 pass
-print("SEEN", len(seen), "MATCHES", len(seen & %SECRET%))
+print("READABLE", found)
 try:
     importlib.import_module("%MODULE%")
     print("IMPORTED")
 except ImportError as e:
     print("HIDDEN", e)
 """ + HAND_OVER
-    module = Path(hidden[0]).stem if Path(hidden[0]).stem != "__init__" else Path(hidden[0]).parent.name
-    result = arena.run(code.replace("%MODULE%", module).replace("%SECRET%", repr(secret)))
-    seen, matches = (int(n) for n in result.log_tail.split("SEEN ", 1)[1].split()[::2][:2])
-    assert seen > 100 and matches == 0, "a val or held-out source file is readable in the sandbox"
+    module = ".".join(hidden[0].relative_to(sysconfig.get_paths()["stdlib"]).with_suffix("").parts).removesuffix(".__init__")
+    code = code.replace("%NAMES%", repr(sorted({p.name for p in hidden}))).replace("%MODULE%", module)
+    result = arena.run(code)
     assert "HIDDEN" in result.log_tail and "evaluation text" in result.log_tail, result.log_tail[-500:]
+    readable = eval(result.log_tail.split("READABLE ", 1)[1].splitlines()[0])
+    stub = hashlib.sha256(prepare.HIDDEN_MODULE_STUB.encode()).hexdigest()
+    assert all(readable[str(p)] == stub for p in hidden if str(p) in readable)  # what is there is the stub
+    for path in set(readable) - {str(p) for p in hidden}:  # elsewhere the sandbox shows the host's file
+        mine = _significant_lines(Path(path))
+        for doc in (d for d in hidden if d.name == Path(path).name):
+            theirs = _significant_lines(doc)
+            assert len(mine & theirs) < 0.3 * max(1, len(theirs)), f"{path} holds the text of {doc}"
+
+
+def _significant_lines(path: Path) -> set[str]:
+    return {line.strip() for line in path.read_text(errors="replace").splitlines() if len(line.strip()) >= 25}
 
 
 def test_nothing_outside_its_folder_can_be_written(arena, honest_bpb):
@@ -592,6 +637,25 @@ time.sleep(60)
 """
     result = arena.run(code, time_budget=70.0, memory_limit_mb=None)
     assert result.status == "oom" and "processes" in result.reason, (result.status, result.reason)
+
+
+def test_a_nested_namespace_cannot_hide_a_process_from_the_limits(arena):
+    """A user + PID namespace of its own would take a child out of the sandbox's accounting."""
+    code = HONEST + """
+import ctypes, os, time
+if os.fork() == 0:
+    refused = ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x20000000) != 0  # CLONE_NEWUSER | CLONE_NEWPID
+    print("UNSHARE", "refused" if refused else "allowed", flush=True)
+    if os.fork() == 0:
+        block = bytearray(1500 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+        time.sleep(60)
+    time.sleep(60)
+time.sleep(30)
+""" + HAND_OVER
+    result = arena.run(code, time_budget=40.0, memory_limit_mb=1000)
+    assert "UNSHARE refused" in result.log_tail, result.log_tail[-500:]
+    assert result.status == "oom", (result.status, result.reason)
 
 
 def test_a_variant_that_deletes_its_folder_or_plants_a_fifo_is_data_not_a_crash(arena):

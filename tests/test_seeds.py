@@ -26,7 +26,9 @@ def test_cpu_seed_learns_in_30_seconds(default_data):
     code = (TRAINER / "train_cpu.py").read_text()
     result = run_variant(code, RunSettings(time_budget=30, data_dir=str(default_data), seed=1))
     assert result.status == "ok", result.log_tail
-    assert result.val_bpb < 0.75 * untrained_bpb(default_data)  # about 2.3 against 3.4 here
+    # About 2.3-2.5 against an untrained 3.7 on an idle machine; a busy one takes fewer steps in the
+    # 30 s, so the bound only asks for clear learning (3.0 was seen with CI and another run beside it).
+    assert result.val_bpb < 0.9 * untrained_bpb(default_data)
     summary = dict(re.findall(r"^(\w+):\s+(\S+)$", result.log_tail, re.MULTILINE))
     assert float(summary["training_seconds"]) >= 30
     assert int(summary["num_steps"]) > 10

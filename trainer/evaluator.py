@@ -76,10 +76,13 @@ def _score(request: dict, blob: bytearray, data: _Data, device: str) -> dict:
     from trainer import sealed
 
     started = time.perf_counter()
+    torch.manual_seed(0)  # no state carried from one variant's scoring to the next (random ops are refused anyway)
     try:
         model = sealed.read_model(blob, device)
     except sealed.SealedFormatError as e:
         return {"status": "export_failed", "reason": f"the handed-over model was refused: {e}"}
+    except Exception as e:  # a malformed file the checks did not foresee: still a refusal, never our crash
+        return {"status": "export_failed", "reason": f"the handed-over model was refused: {sealed._short(e)[:500]}"}
     if model.seq_len != request["seq_len"]:
         return {"status": "export_failed", "reason": f"the model was captured at sequence length {model.seq_len}; "
                                                      f"the run scores at {request['seq_len']} (prepare.MAX_SEQ_LEN)"}
@@ -210,6 +213,10 @@ class Evaluator:
     def score(self, model_file: Path, request: dict, deadline_seconds: float, memory_limit_mb: float | None,
               watch: Callable[[], tuple[str, str] | None]) -> dict:
         """Stream the model to the evaluator and wait for its verdict; problems come back as statuses."""
+        data_dir = request["data_dir"]
+        if self.process is None or self.process.poll() is not None or data_dir not in self.data_dirs:
+            self.close()
+            self._start(data_dir)  # before the file is opened: read at once, it has no time to change
         try:
             fd = os.open(model_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as e:
@@ -222,10 +229,6 @@ class Evaluator:
             if info.st_size > limit:
                 return {"status": "export_failed", "reason": f"the model file is {info.st_size / 2**20:.0f} MB, over the "
                                                              f"limit of {limit / 2**20:.0f} MB"}
-            data_dir = request["data_dir"]
-            if self.process is None or self.process.poll() is not None or data_dir not in self.data_dirs:
-                self.close()
-                self._start(data_dir)
             deadline = time.monotonic() + deadline_seconds
             self._send(fd, {**request, "nbytes": info.st_size}, info.st_size, deadline, memory_limit_mb)
             return self._read_reply(deadline, memory_limit_mb, watch)

@@ -102,18 +102,30 @@ class Family:
         self.tmpfs = [f"/proc/{namespace_pid}/root{path}" for path in ("/tmp", "/dev/shm", *tmpfs)] if namespace_pid else []
 
     def pids(self) -> list[int]:
-        found = []
+        """The sandbox's processes: its PID namespace and every descendant of its first process
+        (a nested namespace would hide from the first test, not the second). Unsandboxed: the
+        process group, the leader's descendants and the carriers of the run token."""
+        parents, groups = {}, {}
         for pid in _pids():
-            if self.namespace is not None:
-                if _pid_namespace(pid) == self.namespace:
-                    found.append(int(pid))
-                continue
             fields = _stat_fields(pid)
-            if fields and fields[0] != "Z" and int(fields[2]) == self.leader:
-                found.append(int(pid))
-        if self.namespace is None:
-            found += [p for p in pids_with_token(self.token) if p not in found]
-        return [p for p in found if p != os.getpid()]
+            if fields and fields[0] != "Z":
+                parents[int(pid)], groups[int(pid)] = int(fields[1]), int(fields[2])
+        root = self.namespace_pid or self.leader
+        found = {root} if root in parents else set()
+        children: dict[int, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        frontier = [root]
+        while frontier:
+            frontier = [child for pid in frontier for child in children.get(pid, []) if child not in found]
+            found.update(frontier)
+        if self.namespace is not None:
+            found.update(pid for pid in parents if _pid_namespace(pid) == self.namespace)
+        else:
+            found.update(pid for pid, group in groups.items() if group == self.leader)
+            found.update(p for p in pids_with_token(self.token) if p in parents)
+        found.discard(os.getpid())
+        return sorted(found)
 
     def memory_mb(self) -> float:
         total = sum(pss_mb(pid) for pid in self.pids())

@@ -4,7 +4,7 @@ Inside, a process sees only what is bound in: the system (/usr, /etc, ...) and t
 environment read-only, a private /tmp and /dev/shm (size-capped tmpfs), its own /proc (a new PID
 namespace: everything it starts dies with it, and the engine's processes and their environments
 are out of sight), no network (a new network namespace: even 127.0.0.1 is its own), no
-capabilities. What each role adds:
+capabilities and no nested user namespaces. What each role adds:
 
 - a variant: its work folder, a size-capped tmpfs (so it fills memory that is counted, never the
   disk) holding a copy of its train.py; prepare.py and the trainer package (evo's hand-over code)
@@ -71,7 +71,8 @@ def command(argv: list[str], readable: tuple[Path, ...] = (), workdir: Path | No
     the embedded corpus) and its cached bytecode are covered by `stub`.
     """
     size = ["--size", str(tmp_mb * 2**20)]
-    args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+    # --disable-userns: no nested user namespace, so no nested PID namespace to hide processes in.
+    args = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
             "--hostname", "evo-sandbox", "--proc", "/proc", "--dev", "/dev",
             *size, "--tmpfs", "/tmp", *size, "--tmpfs", "/dev/shm"]
     for link in ROOT_LINKS:
@@ -129,6 +130,11 @@ def _bind(flag: str, path: Path) -> list[str]:
     return [part for source, dest in pairs for part in (flag, source, dest)]
 
 
+def visible_roots() -> list[str]:
+    """Folders a sandboxed process can read beyond its own (other Pythons' standard libraries aside)."""
+    return [d for d in SYSTEM_DIRS if os.path.isdir(d)] + [str(p) for p in _python_paths() if p.is_dir()]
+
+
 def _python_paths() -> list[Path]:
     """The interpreter, its standard library and site-packages, and evo's hand-over code."""
     paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))}
@@ -140,14 +146,18 @@ def _python_paths() -> list[Path]:
     return [Path(p) for p in sorted(paths) if not _under_system(p)]
 
 
-def _other_stdlibs() -> list[str]:
-    """Standard-library folders of Pythons other than this one, under the system folders bound in."""
+@functools.lru_cache(maxsize=1)
+def _other_stdlibs() -> tuple[str, ...]:
+    """Standard-library folders of Pythons other than this one (the system's, one bundled with a
+    cloud SDK, ...) under /usr: each holds copies of the embedded corpus's evaluation text."""
     ours = os.path.realpath(sysconfig.get_paths()["stdlib"])
     found = []
-    for pattern in ("/usr/lib/python3.*", "/usr/lib64/python3.*", "/usr/local/lib/python3.*"):
-        found += [p for p in glob.glob(pattern) if os.path.isdir(p) and os.path.realpath(p) != ours
-                  and not os.path.realpath(sys.prefix).startswith(os.path.realpath(p))]
-    return sorted(found)
+    for dirpath, dirnames, filenames in os.walk("/usr"):
+        if {"os.py", "abc.py", "codecs.py"} <= set(filenames) and "encodings" in dirnames:
+            if os.path.realpath(dirpath) != ours:
+                found.append(dirpath)
+            dirnames[:] = []
+    return tuple(sorted(found))
 
 
 def _under_system(path: str) -> bool:

@@ -46,10 +46,9 @@ MEMORY_FORMATS = {"contiguous_format": torch.contiguous_format, "preserve_format
 _COMPOSITES = frozenset("""
     linear bilinear scaled_dot_product_attention _scaled_dot_product_flash_attention
     _scaled_dot_product_flash_attention_for_cpu _scaled_dot_product_efficient_attention
-    _scaled_dot_product_cudnn_attention rms_norm layer_norm group_norm batch_norm instance_norm
-    embedding unbind chunk split split_with_sizes tensor_split to _assert_tensor_metadata square
+    _scaled_dot_product_cudnn_attention rms_norm layer_norm group_norm embedding unbind chunk split split_with_sizes tensor_split to _assert_tensor_metadata square
     transpose t swapaxes movedim reshape contiguous matmul einsum softmax log_softmax gelu silu mish
-    softplus hardtanh relu6 dropout flatten unflatten expand_as view_as type_as repeat_interleave
+    softplus hardtanh relu6 flatten unflatten expand_as view_as type_as repeat_interleave
     baddbmm cumsum cumprod tril triu masked_fill where zeros_like ones_like full_like new_zeros
     new_ones new_full new_empty outer polar view_as_complex view_as_real complex stack hstack vstack
     narrow index_select squeeze unsqueeze norm linalg_vector_norm rsqrt lerp sigmoid logsumexp mean
@@ -57,9 +56,13 @@ _COMPOSITES = frozenset("""
     detach clone lift_fresh_copy cross dot vdot kron atleast_2d broadcast_to logical_and logical_or
     logical_not one_hot cosine_similarity _unsafe_view
 """.split())
-# Even if listed above: reinterpreting storage, resizing, and operators the evaluator never wants.
+# Even if core or listed above: operators that reinterpret storage or resize; backward kernels and
+# low-level norm kernels, which trust their callers' shapes (out-of-bounds reads and writes); and
+# randomness, which would make a score depend on what the evaluator ran before.
 _DENIED = re.compile(r"as_strided|resize|storage|unsafe_(index|masked|split|chunk)|from_file|save|load|print|warn"
-                     r"|^set|nested|sparse|mkldnn|quantiz|pin_memory|record_stream|segment_reduce")
+                     r"|^set|nested|sparse|mkldnn|quantiz|pin_memory|record_stream|segment_reduce|backward"
+                     r"|batch_norm|instance_norm|embedding_bag|^_fused|^rand|bernoulli|normal|uniform|multinomial"
+                     r"|dropout|poisson|exponential|geometric|cauchy")
 # Allocations whose memory is not initialised could show the evaluator's earlier data: zeroed.
 _UNINITIALISED = re.compile(r"^(new_)?empty(_like|_strided|_permuted)?$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
