@@ -257,7 +257,30 @@ def _hideable(paths: list[Path]) -> list[bool]:
         raise PrepareError(f"could not list the modules a variant needs: {probe.stderr.strip()[-500:]}")
     needed = {os.path.realpath(f) for f in json.loads(probe.stdout.strip().splitlines()[-1]) if f}
     copies = _visible_python_files(paths)
-    return [os.path.realpath(p) not in needed and not _has_near_copy(p, copies.get(p.name, [])) for p in paths]
+    shared = _shared_lines(paths)
+    return [os.path.realpath(p) not in needed and not _has_near_copy(p, copies.get(p.name, []))
+            and not _mostly_shared(p, shared) for p in paths]
+
+
+def _significant_lines(path: Path | str) -> set[str]:
+    with open(path, errors="replace") as f:
+        return {line.strip() for line in f if len(line.strip()) >= 25}
+
+
+def _shared_lines(paths: list[Path]) -> set[str]:
+    """Lines that appear in more than one corpus document."""
+    seen, shared = set(), set()
+    for path in paths:
+        lines = _significant_lines(path)
+        shared |= lines & seen
+        seen |= lines
+    return shared
+
+
+def _mostly_shared(path: Path, shared: set[str]) -> bool:
+    """A near-copy of other documents (the codec tables in encodings/, say) would test memory, not modelling."""
+    lines = _significant_lines(path)
+    return bool(lines) and len(lines & shared) >= 0.3 * len(lines)
 
 
 def _visible_python_files(corpus: list[Path]) -> dict[str, list[str]]:
@@ -281,10 +304,8 @@ def _visible_python_files(corpus: list[Path]) -> dict[str, list[str]]:
 
 
 def _has_near_copy(path: Path, candidates: list[str]) -> bool:
-    lines = {line.strip() for line in path.read_text(errors="replace").splitlines() if len(line.strip()) >= 25}
-    if not lines:
-        return False
-    for other in candidates:
+    lines = _significant_lines(path)
+    for other in candidates if lines else []:
         try:
             theirs = {line.strip() for line in open(other, errors="replace")}
         except OSError:
