@@ -138,7 +138,23 @@ class GuardSection(Section):
 
 
 class ExecutorSection(Section):
-    kind: Literal["local"] = Field("local", description="local processes (a Ray executor will follow)")
+    kind: Literal["local", "ray"] = Field("local", description="local: this machine's workers (see workers:); "
+                                          "ray: each evaluation a Ray task on a node of a cluster (pip install evo[ray])")
+    address: str = Field("auto", description="ray: auto (the cluster `ray start` made on this machine), local (start "
+                                             "a private one-machine cluster), or ray://HOST:PORT")
+    gpus_per_job: float = Field(1.0, ge=0, description="ray: GPUs each evaluation holds; 0: CPU jobs")
+    cpus_per_job: float = Field(1.0, gt=0, description="ray: CPU cores each evaluation holds (its torch threads)")
+    jobs: int | Literal["auto"] = Field("auto", description="ray: evaluations in flight at once; auto: as many as "
+                                                           "the cluster's GPUs (or CPUs) allow, re-read as nodes come and go")
+    data_dir: str | None = Field(None, description="ray: the data directory on every node; null: each node's "
+                                                  "$EVO_DATA_DIR or ~/.cache/evo/data, built there with the run's settings if missing")
+
+    @field_validator("jobs")
+    @classmethod
+    def _jobs(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("jobs must be auto or at least 1")
+        return value
 
 
 class Config(Section):

@@ -1,480 +1,327 @@
-"""The evolution engine: asynchronous steady state over W workers, checkpointed after every result.
+"""The engine: a scheduler that keeps the executor full, asynchronous and steady-state.
 
-The loop keeps every worker busy: the moment one frees up, a child is bred and started. There is
-no generation barrier. Every finished evaluation is written to the store before the next
-decision, so a crash loses at most the runs in flight, and resume re-queues exactly those.
+Three parts, each its own module: the breeder makes children ahead of time (evo/breeder.py),
+the recorder remembers and checkpoints everything (evo/recorder.py), and the guard decides who
+may be champion and owns its re-runs (evo/guard.py). This module only decides what runs next:
+guard re-runs first, then queued children oldest first, the seed before anything. It never
+waits for an LLM: the breeder keeps a few children ready per slot.
+
+Stops: a soft stop (max_evaluations, target_val_bpb, nothing left to breed) lets evaluations in
+flight and queued guard re-runs finish, so no verdict is left open. A hard stop (max_hours,
+Ctrl-C, an LLM outage past its limit, an untrustworthy set-up) cancels everything in flight at
+once; what was cancelled stays queued for `evo resume`.
 """
 
 from __future__ import annotations
 
 import json
-import random
 import threading
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import replace
 from typing import Callable
 
 import prepare
+from evo.breeder import Breeder
 from evo.config import Config
-from evo.guard import Guard, Job
-from evo.population import PENDING, Individual, Population, normalized_hash
+from evo.executors import Executor, make_executor
+from evo.guard import Guard, GuardRun
+from evo.jobs import CHILD, Job, JobLost
+from evo.population import Individual
 from evo.progress import Snapshot, clock
+from evo.recorder import Counters, Recorder  # noqa: F401 - Counters is part of the engine's public face
 from evo.store import RunStore
-from evo.workers import WorkerSlot, worker_slots
 from mutators import registry
-from mutators.base import Context, Failure, Idea, Parent, Refusal, Relative
-from trainer import processes
-from trainer.evaluator import Evaluator
 from trainer.runner import (EvaluationUntrusted, EvaluatorFailed, RunCancelled, RunResult, RunSettings,
-                            SandboxUnavailable, code_sha256, run_variant, use_sandbox)
+                            SandboxUnavailable, use_sandbox)
 
-BREED_ATTEMPTS = 20  # tries for a new, valid, unseen child before a worker waits
-
-
-@dataclass
-class Counters:
-    births: int = 0
-    evaluations: int = 0  # full evaluations finished (any status)
-    duplicates: int = 0
-    by_status: dict = field(default_factory=dict)
-    refusals: dict = field(default_factory=dict)  # operator -> reason -> count
-    proposed: dict = field(default_factory=dict)  # operator -> children offered
-    improved: dict = field(default_factory=dict)  # operator -> children better than their parent
-    smoke_failures: dict = field(default_factory=dict)
-    guard_runs: int = 0  # noise-floor, candidate and transfer re-runs finished
-    elapsed_seconds: float = 0.0  # wall time of finished sessions (resumes add up)
+READY_PER_SLOT = 2  # children bred ahead per evaluation slot, so a freed slot starts at once
+LOST_JOB_RETRIES = 3  # a job whose machine keeps dying is given up after this many re-queues
+FRUITLESS_BREEDS = 3  # breeding tasks in a row with no child, nothing running: the run has nowhere to go
 
 
 class Engine:
     def __init__(self, config: Config, store: RunStore, log: Callable[[str], None] = print,
-                 on_tick: Callable[[Snapshot], None] = lambda snapshot: None):
+                 on_tick: Callable[[Snapshot], None] = lambda snapshot: None, executor: Executor | None = None,
+                 operators: dict | None = None):
         self.config = config
         self.store = store
         self.log = log
         self.on_tick = on_tick
-        self.population = Population(config.population.islands, config.population.size)
-        self.counters = Counters()
-        self.rng = random.Random(config.seed)
-        self.operators = registry.build(config, store.dir)
-        self.slots = worker_slots(config)
-        self.cancel = threading.Event()
+        self.guard = Guard(config.guard, log=lambda line: self.log(line))
+        self.recorder = Recorder(config, store, self.guard, log=lambda line: self.log(line))
+        self.population = self.recorder.population
+        self.cancel = threading.Event()  # breeding and LLM requests
+        operators = registry.build(config, store.dir) if operators is None else operators
+        self.breeder = Breeder(config, operators, self.recorder, self.cancel,
+                               log=lambda line: self.log(line))
+        self.executor = executor
         self.seed_code = (store.dir / "seed.py").read_text()
         self.data_dir = config.data.dir or prepare.DATA_DIR
         info = store.run_info()
         self.prepare_hash = info["prepare_hash"]
         self.data_fingerprint = info["data_fingerprint"]
         self.sandboxed: bool | None = None  # decided when the run starts (bubblewrap probed once)
-        self.evaluators: dict[str, Evaluator] = {}  # one warm evaluator per worker slot
-        self._session_start = time.monotonic()
-        self._in_flight: dict[Future, tuple[WorkerSlot, str]] = {}  # job -> (slot, "child" or "guard")
-        self._guard_running: list[Job] = []
-        self.guard = Guard(config.guard, log=lambda line: self.log(line))
-        self._running: set[str] = set()  # ids being evaluated
-        self._next_island = 0
-        self.lock = threading.RLock()  # population, counters and checkpoints are shared by workers
+        self._in_flight: dict[Future, Job] = {}
+        self._guard_runs: dict[str, GuardRun] = {}  # job token -> the guard's run
+        self._lost: list[Job] = []  # jobs whose machine went away: first in line again
 
-    # ---- state ----
-    def state(self) -> dict:
-        c = self.counters
-        return {
-            "counters": {**c.__dict__, "elapsed_seconds": self.elapsed_seconds()},
-            "rng": _rng_to_json(self.rng.getstate()),
-            "migrants": self.population.migrants,
-            "guard": self.guard.to_state(self._guard_running),
-        }
+    # ---- the run's memory (the recorder's) ----
+    @property
+    def counters(self) -> Counters:
+        return self.recorder.counters
 
     def restore(self, individuals: list[Individual], state: dict) -> None:
-        for individual in individuals:
-            self.population.add(individual)
-        self.counters = Counters(**state["counters"])
-        self.rng.setstate(_rng_from_json(state["rng"]))
-        self.population.migrants = state["migrants"]
-        if "guard" in state:
-            self.guard.restore(state["guard"])
-        self._session_start = time.monotonic()
+        self.recorder.restore(individuals, state)
 
     def checkpoint(self) -> None:
-        self.store.save(list(self.population.individuals.values()), self.state())
-
-    def code_of(self, individual_id: str) -> str:
-        """From the store's bounded cache, or from disk checked against the recorded hash."""
-        with self.lock:  # the cache is shared by the workers (the lock is re-entrant)
-            return self.store.code(individual_id, self.population.individuals[individual_id].code_hash)
+        self.recorder.checkpoint()
 
     def elapsed_seconds(self) -> float:
-        return self.counters.elapsed_seconds + (time.monotonic() - self._session_start)
+        return self.recorder.elapsed_seconds()
+
+    def adopt_finished_results(self) -> int:
+        adopted = self.recorder.adopt_finished_results()
+        for individual in adopted:
+            if individual.operator != "seed":
+                self.breeder.feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
+        return len(adopted)
+
+    def sweep_leftovers(self) -> int:
+        return self.recorder.sweep_leftovers()
 
     # ---- stopping ----
-    def stop_reason(self) -> str | None:
+    def _children_started(self) -> int:
+        return self.counters.evaluations + sum(job.kind == CHILD for job in self._in_flight.values())
+
+    def stop_reason(self) -> tuple[str, bool] | None:
+        """(why, hard) once the run should stop; a hard stop cancels what is in flight."""
         s = self.config.stopping
-        started = self.counters.evaluations + sum(kind == "child" for _, kind in self._in_flight.values())
-        if s.max_evaluations is not None and started >= s.max_evaluations:
-            return f"max_evaluations ({s.max_evaluations}) reached"
         if s.max_hours is not None and self.elapsed_seconds() >= s.max_hours * 3600:
-            return f"max_hours ({s.max_hours}) reached"
+            return f"max_hours ({s.max_hours:g}) reached; evaluations in flight were stopped and stay queued", True
+        outage = self.breeder.outage_reason()
+        if outage:
+            return outage, True
+        if s.max_evaluations is not None and self._children_started() >= s.max_evaluations:
+            return f"max_evaluations ({s.max_evaluations}) reached", False
         best = self.population.best()
         if s.target_val_bpb is not None and best is not None and best.val_bpb <= s.target_val_bpb:
-            return f"target val_bpb {s.target_val_bpb} reached by {best.id}"
+            return f"target val_bpb {s.target_val_bpb} reached by {best.id}", False
         return None
 
-    # ---- breeding ----
-    def _new_individual(self, code: str, operator: str, parents: list[str], island: int,
-                        details: dict | None = None, hypothesis: str = "") -> Individual:
-        """A child's record; its code goes to the store, which keeps it on disk for good."""
-        self.counters.births += 1
-        individual = Individual(
-            id=f"v{self.counters.births:05d}", birth=self.counters.births, island=island,
-            code_hash=normalized_hash(code), operator=operator, parents=parents,
-            details=json.dumps(details or {}), hypothesis=hypothesis, eval_seed=self.config.seed,
-            created_at=time.time(),
-        )
-        self.store.write_code(individual.id, code)
-        return individual
-
-    def _choose_operator(self):
-        """A weighted draw among the operators still active (an LLM past its token budget is not)."""
-        names = [n for n, w in self.config.operators.items() if w > 0 and getattr(self.operators[n], "active", True)]
-        if not names:
+    def _nowhere_to_go(self) -> str | None:
+        """Nothing runs, nothing is queued or breeding: say why, in words a person can act on."""
+        if self._in_flight or self._queued() or self.breeder.in_flight() or self.guard.queue or self._lost:
             return None
-        weights = [self.config.operators[n] for n in names]
-        return self.operators[self.rng.choices(names, weights)[0]]
-
-    def breed(self) -> Individual | None:
-        """A new child that compiles and whose normalized code has never been seen, or None.
-
-        Runs in a worker thread. Choices and bookkeeping happen under the lock; the operator's
-        proposal (an LLM call may take a minute) happens outside it, so other workers go on.
-        """
-        for _ in range(BREED_ATTEMPTS):
-            if self.cancel.is_set():
-                return None
-            with self.lock:
-                island = self._next_island
-                self._next_island = (island + 1) % self.config.population.islands
-                operator = self._choose_operator()
-                if operator is None:
-                    return None
-                parents = []
-                for _ in range(operator.parents_needed):
-                    parent = self.population.tournament(island, self.config.population.tournament_size, self.rng)
-                    if parent is None:
-                        return None
-                    parents.append(Parent(parent.id, self.code_of(parent.id), parent.val_bpb))
-                context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
-                op_rng = random.Random(self.rng.getrandbits(64))  # operators never share the engine's RNG
-            proposal = operator.propose(parents, op_rng, context) if context is not None else operator.propose(parents, op_rng)
-            with self.lock:
-                if isinstance(proposal, Refusal):
-                    reasons = self.counters.refusals.setdefault(operator.name, {})
-                    reasons[proposal.reason] = reasons.get(proposal.reason, 0) + 1
-                    continue
-                self.counters.proposed[operator.name] = self.counters.proposed.get(operator.name, 0) + 1
-                if self.population.known(normalized_hash(proposal.code)):
-                    self.counters.duplicates += 1
-                    self._feedback(operator.name, proposal.details, None, evaluated=False)
-                    continue
-                if self.cancel.is_set():
-                    self._feedback(operator.name, proposal.details, None, evaluated=False)
-                    return None
-                child = self._new_individual(proposal.code, proposal.operator, [p.id for p in parents], island,
-                                             proposal.details, proposal.hypothesis)
-                child.llm_tokens = int(proposal.details.get("llm", {}).get("total_tokens", 0))
-                self._register(child)
-                self._running.add(child.id)  # in the same lock as its birth: no other worker may take it
-                self._after_birth()
-                return child
+        seed = next((i for i in self.population.individuals.values() if i.operator == "seed"), None)
+        if seed is not None and not seed.evaluated_ok and self.population.best() is None:
+            return (f"the seed {seed.id} failed ({seed.status}: {seed.reason}); nothing can be bred from it. "
+                    f"See {self.store.variant_dir(seed.id) / 'log.txt'}")
+        if self.breeder.fruitless >= FRUITLESS_BREEDS:
+            top = self.recorder.top_refusals()
+            return "no new child could be bred (all proposals refused or duplicates)" + (f": {top}" if top else "")
         return None
 
-    def context_for(self, parent_id: str, island: int) -> Context:
-        """What an LLM may see besides the parent: validation numbers and log tails, never held-out."""
-        llm = self.config.mutators.llm
-        others = [i for i in self.population.ranked() if i.island != island and i.id != parent_id][: llm.relatives]
-        relatives = [Relative(i.id, self.code_of(i.id), i.val_bpb, i.island) for i in others]
-        finished = [i for i in self.population.individuals.values() if i.status not in (PENDING, "ok")]
-        finished.sort(key=lambda i: i.finished_at or 0, reverse=True)
-        failures = []
-        for i in finished[: llm.failures]:
-            result = self.store.variant_dir(i.id) / "result.json"
-            tail = json.loads(result.read_text()).get("log_tail", "") if result.is_file() else ""
-            failures.append(Failure(i.id, i.status, i.reason, tail[-1500:], i.hypothesis))
-        ideas = []
-        for i in sorted(self.population.individuals.values(), key=lambda i: i.birth, reverse=True):
-            if i.operator == "seed" or i.status == PENDING or not i.hypothesis:
-                continue
-            parent = self.population.individuals.get(i.parents[0]) if i.parents else None
-            if i.evaluated_ok and parent is not None and parent.val_bpb is not None:
-                outcome = f"val_bpb {i.val_bpb:.4f} vs parent {parent.val_bpb:.4f}"
-            else:
-                outcome = i.status if i.status != "ok" else f"val_bpb {i.val_bpb}"
-            ideas.append(Idea(i.operator, i.hypothesis, outcome))
-            if len(ideas) >= llm.ideas:
-                break
-        return Context(relatives, failures, ideas)
+    # ---- what runs next ----
+    def _queued(self) -> list[Individual]:
+        running = {job.individual for job in self._in_flight.values() if job.kind == CHILD}
+        running |= {job.individual for job in self._lost if job.kind == CHILD}
+        return [i for i in self.population.pending() if i.id not in running]
 
-    def _register(self, individual: Individual) -> None:
-        """Recorded as pending before it runs, so resume re-queues it (caller holds the lock)."""
-        individual.run_token = uuid.uuid4().hex
-        self.population.add(individual)
-        self.checkpoint()
-
-    def _after_birth(self) -> None:
-        if self.counters.births % self.config.population.migration_interval == 0:
-            for member, island in self.population.migrate(self.config.population.migration_count):
-                self.log(f"migration: {member} joins island {island}")
-
-    def _take_queued(self) -> Individual | None:
-        """A pending individual nobody is evaluating (re-queued after a resume), or the seed."""
-        queued = [i for i in self.population.pending() if i.id not in self._running]
-        if queued:
+    def _next_job(self, children_allowed: bool) -> Job | None:
+        """Lost jobs first, then guard re-runs, then queued children oldest first (the seed first of all)."""
+        if self._lost:
+            return self._lost.pop(0)
+        with self.recorder.lock:
+            run = self.guard.take()
+            if run is not None:
+                run.token = uuid.uuid4().hex
+                self.recorder.checkpoint()  # recorded with its token before it runs: resume can sweep it
+                job = self._guard_job(run)
+                self._guard_runs[job.token] = run
+                return job
+            if not children_allowed:
+                return None
+            if not self.population.individuals:
+                self.recorder.new_individual(self.seed_code, "seed", [], island=0)
+            queued = self._queued()
+            if not queued:
+                return None
             individual = min(queued, key=lambda i: i.birth)
-            individual.run_token = individual.run_token or uuid.uuid4().hex
-            return individual
-        if not self.population.individuals:
-            seed = self._new_individual(self.seed_code, "seed", [], island=0)
-            self._register(seed)
-            return seed
-        return None
+            if not individual.run_token:
+                individual.run_token = uuid.uuid4().hex
+            smoke = self.config.cascade.smoke_seconds if individual.operator != "seed" else 0.0
+            return Job(CHILD, individual.id, self.recorder.code_of(individual.id), self.run_settings(),
+                       str(self.store.variant_dir(individual.id)), individual.run_token, smoke_seconds=smoke)
 
-    def _can_start(self) -> bool:
-        """Work exists for a free worker: a queued individual, the seed, or parents to breed from."""
-        queued = any(i.id not in self._running for i in self.population.pending())
-        return queued or not self.population.individuals or self.population.best() is not None
-
-    def _child_work(self, slot: WorkerSlot):
-        """One worker's job: take or breed an individual, then evaluate it."""
-        with self.lock:
-            individual = self._take_queued()
-            if individual is not None:
-                self._running.add(individual.id)
-        if individual is None:
-            individual = self.breed()
-            if individual is None:
-                return None
-        individual.device = slot.label
-        return individual, self.evaluate(individual, slot)
-
-    def _guard_work(self, slot: WorkerSlot, job: Job):
+    def _guard_job(self, run: GuardRun) -> Job:
         """A re-run for the guard: new seed, held-out scored, in the variant's own sub-folder."""
-        code = self.code_of(job.individual)
-        settings = self.run_settings(slot, seconds=self.config.budget.seconds * job.budget_multiplier, seed=job.seed)
+        settings = self.run_settings(seconds=self.config.budget.seconds * run.budget_multiplier, seed=run.seed)
         settings.heldout = True
-        run_dir = self.store.variant_dir(job.individual) / job.key
-        return job, run_variant(code, settings, run_dir, job.token, self.cancel, self._evaluator(slot))
+        folder = self.store.variant_dir(run.individual) / run.key
+        return Job(run.kind, run.individual, self.recorder.code_of(run.individual), settings, str(folder), run.token)
 
-    # ---- evaluation ----
-    def run_settings(self, slot: WorkerSlot, seconds: float | None = None, seed: int | None = None) -> RunSettings:
+    def run_settings(self, seconds: float | None = None, seed: int | None = None) -> RunSettings:
         b, d, e = self.config.budget, self.config.data, self.config.evaluation
+        if self.config.executor.kind == "local":
+            sandbox = "bubblewrap" if self.sandboxed else "none"
+        else:
+            sandbox = e.sandbox  # each node decides for itself, and every result records what it did
         return RunSettings(
             time_budget=seconds or b.seconds, seed=self.config.seed if seed is None else seed,
-            data_dir=self.data_dir, device=slot.device, gpu=slot.gpu, threads=slot.threads,
-            seq_len=d.seq_len, eval_tokens=d.eval_tokens, startup_grace=b.startup_grace,
+            data_dir=self.data_dir, seq_len=d.seq_len, eval_tokens=d.eval_tokens, startup_grace=b.startup_grace,
             eval_grace=b.eval_grace, memory_limit_mb=b.memory_limit_mb, expected_prepare_hash=self.prepare_hash,
-            data_fingerprint=self.data_fingerprint, evaluation=e.mode,
-            sandbox="bubblewrap" if self.sandboxed else "none", max_model_mb=e.max_model_mb,
+            data_fingerprint=self.data_fingerprint, evaluation=e.mode, sandbox=sandbox, max_model_mb=e.max_model_mb,
         )
 
-    def _evaluator(self, slot: WorkerSlot) -> Evaluator | None:
-        """The slot's warm evaluator (a slot runs one job at a time, so it is never shared)."""
-        if self.config.evaluation.mode != "sealed":
-            return None
-        if slot.label not in self.evaluators:
-            log = self.store.dir / f"evaluator-{slot.label.replace('#', '').replace(':', '')}.log"
-            self.evaluators[slot.label] = Evaluator(slot.device, slot.gpu, slot.threads, bool(self.sandboxed), log)
-        return self.evaluators[slot.label]
+    def _more_children_wanted(self) -> int:
+        """Children to start breeding now: a few queued per slot, never more than the evaluations left."""
+        coming = len(self._queued()) + self.breeder.in_flight()
+        more = READY_PER_SLOT * self.executor.capacity() - coming
+        limit = self.config.stopping.max_evaluations
+        if limit is not None:
+            more = min(more, limit - self._children_started() - coming)
+        return max(0, more)
 
-    def _decide_sandbox(self) -> None:
-        """Probe bubblewrap once per engine and say plainly what the variants will run in."""
-        e = self.config.evaluation
-        self.sandboxed = use_sandbox(e.sandbox, warn=self.log)
-        if e.mode == "in_process":
+    # ---- the loop ----
+    def _start(self) -> None:
+        if self.executor is None:
+            if self.sandboxed is None and self.config.executor.kind == "local":
+                self._decide_sandbox()
+            self.executor = make_executor(self.config, self.sandboxed, self.store.dir, self.log)
+        if self.config.evaluation.mode == "in_process":
             self.log("evo: warning: evaluation.mode is in_process: each variant scores itself, inside its own "
                      "process, so a variant can forge its score. Every record of this run says unsealed.")
 
-    def evaluate(self, individual: Individual, slot: WorkerSlot) -> RunResult:
-        run_dir = self.store.variant_dir(individual.id)
-        code = self.code_of(individual.id)
-        smoke = self.config.cascade.smoke_seconds
-        if smoke and individual.operator != "seed":
-            settings = self.run_settings(slot, seconds=smoke)
-            settings.eval_tokens = min(settings.eval_tokens, 4 * settings.seq_len)
-            result = run_variant(code, settings, run_dir / "smoke", individual.run_token, self.cancel, self._evaluator(slot))
-            if result.status != "ok":
-                result.reason = f"smoke run: {result.reason}"
-                return result
-        return run_variant(code, self.run_settings(slot), run_dir, individual.run_token, self.cancel, self._evaluator(slot))
-
-    def record(self, individual: Individual, result: RunResult) -> None:
-        individual.status = result.status
-        individual.reason = result.reason
-        individual.metrics = json.dumps(result.metrics)
-        individual.val_bpb = result.val_bpb
-        individual.wall_seconds = result.wall_seconds
-        individual.peak_memory_mb = result.peak_memory_mb
-        individual.finished_at = time.time()
-        individual.run_token = ""
-        c = self.counters
-        c.evaluations += 1
-        c.by_status[result.status] = c.by_status.get(result.status, 0) + 1
-        if result.reason.startswith("smoke run:"):
-            c.smoke_failures[result.status] = c.smoke_failures.get(result.status, 0) + 1
-        parent = self.population.individuals.get(individual.parents[0]) if individual.parents else None
-        if individual.evaluated_ok and parent is not None and parent.val_bpb is not None and individual.val_bpb < parent.val_bpb:
-            c.improved[individual.operator] = c.improved.get(individual.operator, 0) + 1
-        self._feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
-        if individual.operator == "seed" and individual.evaluated_ok:
-            self.guard.start(individual.id, individual.val_bpb)
-            individual.verdict = "champion" if self.config.guard.enabled else ""
-        elif individual.evaluated_ok:
-            self.guard.consider(individual.id, individual.val_bpb)
-
-    def record_guard(self, job: Job, result: RunResult) -> None:
-        self.counters.guard_runs += 1
-        for candidate, value in self.guard.record(job, result.status, result.metrics):
-            self.guard.consider(candidate, value)
-        verdict = self.guard.records[job.individual].verdict
-        if verdict:
-            self.population.individuals[job.individual].verdict = verdict
-
-    def _feedback(self, operator_name: str, details: dict, val_bpb: float | None, evaluated: bool) -> None:
-        """Operators that learn (Optuna) hear how their children did."""
-        operator = self.operators.get(operator_name)
-        if operator is not None and hasattr(operator, "feedback"):
-            operator.feedback(details, val_bpb, evaluated)
-
-    def adopt_finished_results(self) -> int:
-        """After a crash: evaluations that finished (result.json written) but were not checkpointed.
-
-        A result is adopted only if the runner wrote it for this very evaluation: the run token
-        recorded when it started and the hash of the code it ran must both match.
-        """
-        adopted = 0
-        for individual in self.population.pending():
-            result = self._finished_result(self.store.variant_dir(individual.id), individual.run_token, individual.id)
-            if result is not None:
-                self.record(individual, result)
-                adopted += 1
-        for job in list(self.guard.queue):
-            result = self._finished_result(self.store.variant_dir(job.individual) / job.key, job.token, job.individual)
-            if result is not None:
-                self.guard.queue.remove(job)
-                self.record_guard(job, result)
-                adopted += 1
-        return adopted
-
-    def _finished_result(self, folder, token: str, individual_id: str) -> RunResult | None:
-        path = folder / "result.json"
-        if not token or not path.is_file():
-            return None
-        try:
-            data = json.loads(path.read_text())
-            result = RunResult(**{k: v for k, v in data.items() if k in RunResult.__dataclass_fields__})
-        except (OSError, ValueError, TypeError):
-            return None
-        if result.run_token != token or result.code_sha256 != code_sha256(self.code_of(individual_id)):
-            self.log(f"resume: {path} was not written for the evaluation in flight; it is run again")
-            return None
-        return result
-
-    def sweep_leftovers(self) -> int:
-        """Kill processes of evaluations that were in flight when the engine died."""
-        tokens = [i.run_token for i in self.population.pending()] + [j.token for j in self.guard.queue]
-        return sum(processes.kill_by_token(t) for t in tokens if t)
-
-    # ---- the loop ----
-    def _submit(self, pool: ThreadPoolExecutor, slot: WorkerSlot, breeding_allowed: bool) -> bool:
-        """Start the next job on a free worker: guard re-runs first, then children."""
-        if self.cancel.is_set():
-            return False
-        with self.lock:
-            job = self.guard.take()
-            if job is not None:
-                job.token = uuid.uuid4().hex
-                self._guard_running.append(job)
-                self.checkpoint()  # the job is recorded with its token before it runs
-                self._in_flight[pool.submit(self._guard_work, slot, job)] = (slot, "guard")
-                return True
-            if breeding_allowed and self._can_start():
-                self._in_flight[pool.submit(self._child_work, slot)] = (slot, "child")
-                return True
-        return False
-
-    def _collect(self, future: Future, slot: WorkerSlot, kind: str) -> bool:
-        """Record a finished job; False when a child job could not breed anything."""
-        outcome = future.result()
-        if outcome is None:
-            return False
-        with self.lock:
-            if kind == "guard":
-                job, result = outcome
-                self._guard_running.remove(job)
-                self.record_guard(job, result)
-                self.checkpoint()
-                return True
-            individual, result = outcome
-            self._running.discard(individual.id)
-            self.record(individual, result)
-            self.checkpoint()
-        self._report(individual)
-        return True
+    def _decide_sandbox(self) -> None:
+        """Probe bubblewrap once per engine and say plainly what the variants will run in."""
+        self.sandboxed = use_sandbox(self.config.evaluation.sandbox, warn=self.log)
 
     def run(self) -> str:
-        if self.sandboxed is None:
-            self._decide_sandbox()
-        free = list(self.slots)
-        pool = ThreadPoolExecutor(max_workers=len(self.slots), thread_name_prefix="evo-worker")
-        reason, fruitless = None, 0
+        self._start()
+        reason = None
         try:
             while True:
-                reason = reason or self.stop_reason()
-                # After a stop reason, queued guard re-runs still finish: no verdict is left open.
-                while free and self._submit(pool, free[0], breeding_allowed=reason is None):
-                    free.pop(0)
-                    reason = reason or self.stop_reason()
+                if reason is None:
+                    stop = self.stop_reason()
+                    if stop is not None:
+                        reason, hard = stop
+                        if hard:
+                            self._stop_everything(reason)
+                            break
+                self._fill(children_allowed=reason is None)
+                stuck = self.breeder.fruitless >= FRUITLESS_BREEDS and not self._in_flight
+                if reason is None and self.population.best() is not None and not stuck:
+                    self.breeder.top_up(self._more_children_wanted())
                 if not self._in_flight:
-                    break
+                    reason = reason or self._nowhere_to_go()
+                    if reason is not None and not self.guard.queue:
+                        break
+                self.recorder.save_if_due()
                 self.on_tick(self.snapshot())
-                done, _ = wait(list(self._in_flight), timeout=1.0, return_when=FIRST_COMPLETED)
-                for future in done:
-                    slot, kind = self._in_flight.pop(future)
-                    free.append(slot)
-                    try:
-                        collected = self._collect(future, slot, kind)
-                    except (EvaluationUntrusted, SandboxUnavailable, EvaluatorFailed) as e:
-                        # Not the variant's fault: stop everything; what was in flight stays queued.
-                        reason = f"stopped, nothing more can be evaluated: {e}"
-                        self.cancel.set()
-                        continue
-                    except RunCancelled:
-                        continue
-                    if collected:
-                        fruitless = 0
-                        continue
-                    fruitless += 1
-                    if fruitless >= 3 and not self._in_flight:
-                        reason = reason or "no new child could be bred (all proposals refused or duplicates)"
-                reason = self.stop_reason() if reason is None else reason
+                waiting = list(self._in_flight) + self.breeder.futures()
+                if waiting:
+                    done, _ = wait(waiting, timeout=1.0, return_when=FIRST_COMPLETED)
+                else:
+                    time.sleep(0.5)  # e.g. every operator waits out an LLM outage
+                    done = set()
+                self.breeder.collect()
+                for future in done & set(self._in_flight):
+                    error = self._collect(future, self._in_flight.pop(future))
+                    if error is not None and reason is None:
+                        reason = error
+                        self._stop_everything(reason)
+                if reason is not None and reason.startswith("stopped"):
+                    break
         except KeyboardInterrupt:
             reason = "interrupted"
-            self.cancel.set()
-            for future, (slot, kind) in list(self._in_flight.items()):
-                try:
-                    self._collect(future, slot, kind)
-                except RunCancelled:
-                    pass  # stays pending (or queued); resume runs it again
-            self._in_flight.clear()
+            self._stop_everything("Ctrl-C")
             raise
         finally:
-            pool.shutdown(wait=True)
-            for evaluator in self.evaluators.values():
-                evaluator.close()
-            with self.lock:
-                self.counters.elapsed_seconds = self.elapsed_seconds()
-                self._session_start = time.monotonic()
-                self.checkpoint()
+            self.breeder.close()
+            self.executor.close()
+            self.recorder.close_session()
         return reason or "done"
 
+    def _fill(self, children_allowed: bool) -> None:
+        while len(self._in_flight) < self.executor.capacity():
+            job = self._next_job(children_allowed)
+            if job is None:
+                return
+            self._in_flight[self.executor.submit(job)] = job
+
+    def _collect(self, future: Future, job: Job) -> str | None:
+        """Record a finished job; returns a reason when the run must stop (not the variant's fault)."""
+        try:
+            result = future.result()
+        except RunCancelled:
+            self._put_back(job)
+            return None
+        except JobLost as e:
+            return self._lost_job(job, str(e))
+        except (EvaluationUntrusted, SandboxUnavailable, EvaluatorFailed) as e:
+            self._put_back(job)  # stays queued: resume runs it once the set-up is fixed
+            return f"stopped, nothing more can be evaluated: {e}"
+        except Exception as e:  # noqa: BLE001 - an executor's own fault (e.g. a node with other data)
+            self._put_back(job)
+            return f"stopped, nothing more can be evaluated: {type(e).__name__}: {e}"
+        self._record(job, result)
+        return None
+
+    def _record(self, job: Job, result: RunResult) -> None:
+        with self.recorder.lock:
+            if job.kind == CHILD:
+                individual = self.population.individuals[job.individual]
+                self.recorder.record(individual, result)
+            else:
+                self.recorder.record_guard(self._guard_runs.pop(job.token), result)
+            self.recorder.checkpoint()
+        if job.kind == CHILD:
+            if individual.operator != "seed":
+                self.breeder.feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
+            self._report(individual)
+
+    def _put_back(self, job: Job) -> None:
+        """A cancelled job: a child stays pending, a guard run goes back to the front of the queue."""
+        if job.kind != CHILD:
+            run = self._guard_runs.pop(job.token, None)
+            if run is not None:
+                self.guard.put_back(run)
+
+    def _lost_job(self, job: Job, why: str) -> str | None:
+        """The machine went away: run it again elsewhere; only a job that keeps killing machines is given up."""
+        self.counters.lost_jobs += 1
+        job.attempts += 1
+        if job.attempts <= LOST_JOB_RETRIES:
+            self.log(f"{job.key}: its machine was lost ({why}); re-queued (attempt {job.attempts + 1})")
+            self._lost.append(job)
+            return None
+        self.log(f"{job.key}: lost with its machine {job.attempts} times; recorded as a crash")
+        self._record(job, RunResult(status="crash", reason=f"its machine was lost {job.attempts} times: {why}"[:2000]))
+        return None
+
+    def _stop_everything(self, why: str) -> None:
+        """Hard stop: cancel breeding, LLM requests and evaluations in flight; they stay queued."""
+        self.cancel.set()
+        if self._in_flight or self.breeder.in_flight():
+            self.log(f"stopping ({why}): {len(self._in_flight)} evaluation(s) in flight are killed and stay queued "
+                     f"for `evo resume`; {self.breeder.in_flight()} proposal(s) in progress are abandoned")
+        for job in self._in_flight.values():
+            self.executor.cancel(job)
+        for future, job in list(self._in_flight.items()):
+            try:
+                result = future.result(timeout=120)
+            except Exception:  # noqa: BLE001 - cancelled, lost or failed: it stays queued either way
+                self._put_back(job)
+                continue
+            self._record(job, result)  # it finished before the cancel reached it
+        self._in_flight.clear()
+        for job in self._lost:
+            self._put_back(job)
+        self._lost.clear()
+
+    # ---- what a person sees ----
     def snapshot(self) -> Snapshot:
         best = self.population.best()
         s = self.config.stopping
@@ -488,8 +335,8 @@ class Engine:
         return Snapshot(
             done=self.counters.evaluations, limit=s.max_evaluations,
             best=best.val_bpb if best else None, best_id=best.id if best else None,
-            busy=len(self._in_flight), workers=len(self.slots), elapsed=elapsed,
-            time_left=min(left) if left else None,
+            busy=len(self._in_flight), workers=self.executor.capacity() if self.executor else 0, elapsed=elapsed,
+            time_left=min(left) if left else None, note=self.breeder.note(),
         )
 
     def _report(self, individual: Individual) -> None:
@@ -497,20 +344,9 @@ class Engine:
         total = self.config.stopping.max_evaluations
         value = f"{individual.val_bpb:.4f}" if individual.val_bpb is not None else "-"
         best_text = f"{best.val_bpb:.4f} ({best.id})" if best else "-"
-        busy = len(self._in_flight)
         self.log(
             f"[{self.counters.evaluations}{'/' + str(total) if total else ''}] {individual.id} "
             f"{individual.operator:<8} {individual.status:<10} val_bpb {value}  best {best_text}  "
-            f"workers busy {busy}/{len(self.slots)}  {clock(self.elapsed_seconds())}"
+            f"workers busy {len(self._in_flight)}/{self.executor.capacity()}  {clock(self.elapsed_seconds())}"
             + (f"  | {individual.hypothesis}" if individual.hypothesis else "")
         )
-
-
-def _rng_to_json(state) -> list:
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def _rng_from_json(data) -> tuple:
-    version, internal, gauss = data
-    return (version, tuple(internal), gauss)

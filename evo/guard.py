@@ -7,7 +7,9 @@
   mean gain is at least min_delta, and its held-out mean beats the champion's held-out mean.
 - Reported scores are re-run means; the first (selected, so lucky) draw is shown as a gap.
 
-Every guard run is a job for the same workers as the children, checkpointed in the engine state.
+Every guard run is a job for the same workers as the children. The guard owns its runs: queued,
+in flight (`running`), and back in the queue when one is cancelled or its machine is lost; all
+of them are in the checkpoint, so resume finishes every verdict.
 Held-out numbers live only here: never in an individual's metrics, selection, or a prompt.
 """
 
@@ -21,7 +23,7 @@ NOISE, RERUN, TRANSFER = "noise", "rerun", "transfer"
 
 
 @dataclass
-class Job:
+class GuardRun:
     individual: str
     seed: int
     kind: str  # noise (the seed's floor), rerun (a candidate), transfer (larger budget)
@@ -72,16 +74,17 @@ class Guard:
         self.s = settings
         self.log = log
         self.records: dict[str, Record] = {}
-        self.queue: list[Job] = []
+        self.queue: list[GuardRun] = []
+        self.running: list[GuardRun] = []
         self.champions: list[str] = []  # ids, oldest first; the last is the champion
         self.next_seed = 1000  # re-run seeds never collide with the evaluation seed
         self.deferred: list[tuple[str, float]] = []  # candidates seen before the floor was known
 
     # ---- state ----
-    def to_state(self, running: list[Job]) -> dict:
+    def to_state(self) -> dict:
         return {
             "records": {k: asdict(r) for k, r in self.records.items()},
-            "queue": [asdict(j) for j in running + self.queue],  # in flight goes back to the queue
+            "queue": [asdict(j) for j in self.running + self.queue],  # in flight goes back to the queue
             "champions": self.champions, "next_seed": self.next_seed, "deferred": self.deferred,
         }
 
@@ -92,7 +95,8 @@ class Guard:
             r["samples"] = [Sample(**s) for s in r["samples"]]
             r["transfer"] = [Sample(**s) for s in r["transfer"]]
             self.records[key] = Record(**r)
-        self.queue = [Job(**j) for j in state["queue"]]
+        self.queue = [GuardRun(**j) for j in state["queue"]]
+        self.running = []
         self.champions = state["champions"]
         self.next_seed = state["next_seed"]
         self.deferred = [tuple(d) for d in state["deferred"]]
@@ -109,7 +113,7 @@ class Guard:
 
     def _seed_jobs(self, individual_id: str, kind: str, count: int, multiplier: float = 1.0) -> None:
         for _ in range(count):
-            self.queue.append(Job(individual_id, self.next_seed, kind, multiplier))
+            self.queue.append(GuardRun(individual_id, self.next_seed, kind, multiplier))
             self.next_seed += 1
 
     def start(self, seed_id: str, first_val: float | None) -> None:
@@ -137,14 +141,24 @@ class Guard:
                  f"({champion['val_mean']:.4f}) by more than {margin:.4f}; {self.s.reruns} re-runs queued")
         return True
 
-    def take(self) -> Job | None:
-        return self.queue.pop(0) if self.queue else None
+    def take(self) -> GuardRun | None:
+        """The next run to start; it counts as running until finished or put back."""
+        if not self.queue:
+            return None
+        run = self.queue.pop(0)
+        self.running.append(run)
+        return run
 
-    def has_work(self, running: int) -> bool:
-        return bool(self.queue) or running > 0
+    def put_back(self, run: GuardRun) -> None:
+        """A run that was cancelled or lost with its machine: first in line again."""
+        if run in self.running:
+            self.running.remove(run)
+        self.queue.insert(0, run)
 
-    def record(self, job: Job, status: str, metrics: dict) -> list[tuple[str, float]]:
+    def record(self, job: GuardRun, status: str, metrics: dict) -> list[tuple[str, float]]:
         """Store one guard run's outcome; returns deferred candidates now ready to consider."""
+        if job in self.running:
+            self.running.remove(job)
         record = self.records[job.individual]
         sample = Sample(job.seed, status, metrics.get("val_bpb") if status == "ok" else None,
                         metrics.get("heldout_bpb") if status == "ok" else None)

@@ -16,6 +16,7 @@ class Snapshot:
     workers: int
     elapsed: float
     time_left: float | None  # None: unknown
+    note: str = ""  # e.g. an LLM server that is down and being retried
 
 
 def clock(seconds: float) -> str:
@@ -28,7 +29,7 @@ def status_line(s: Snapshot) -> str:
     best = f"{s.best:.4f} ({s.best_id})" if s.best is not None else "-"
     left = clock(s.time_left) if s.time_left is not None else "?"
     return (f"evaluations {done} | best val_bpb {best} | workers busy {s.busy}/{s.workers} | "
-            f"elapsed {clock(s.elapsed)} | left ~{left}")
+            f"elapsed {clock(s.elapsed)} | left ~{left}" + (f" | {s.note}" if s.note else ""))
 
 
 class Display:

@@ -75,7 +75,8 @@ def test_guard_state_roundtrip_puts_running_jobs_back_in_the_queue():
     guard = Guard(GuardSection(), log=lambda line: None)
     guard.start("seed", 3.0)
     running = guard.take()
-    state = json.loads(json.dumps(guard.to_state([running])))
+    assert guard.running == [running] and [j.seed for j in guard.queue] == [1001, 1002]
+    state = json.loads(json.dumps(guard.to_state()))
     restored = Guard(GuardSection(), log=lambda line: None)
     restored.restore(state)
     assert [j.seed for j in restored.queue] == [1000, 1001, 1002] and restored.champions == ["seed"]

@@ -115,6 +115,7 @@ class RunResult:
     sandbox: str = "none"  # "bubblewrap" or "none"
     run_token: str = ""  # ties result.json to the evaluation that wrote it
     code_sha256: str = ""
+    worker: str = ""  # the worker slot or Ray node that ran it
 
     @property
     def val_bpb(self) -> float | None:

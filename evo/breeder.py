@@ -1,0 +1,218 @@
+"""The breeder: makes children ahead of time, so no evaluation slot ever waits for an LLM.
+
+Proposals run in the breeder's own threads (as many at once as the LLM may take requests), and
+each child is recorded as pending the moment it is born: the scheduler takes pending children
+oldest first. An operator that raises is a counted refusal. An LLM whose server cannot be
+reached is paused and retried with backoff while the other operators go on; only an outage
+longer than `mutators.llm.max_outage_minutes` stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from evo.population import PENDING, normalized_hash
+from evo.progress import clock
+from evo.recorder import Recorder
+from mutators.base import Context, Failure, Idea, Parent, Refusal, Relative
+
+BREED_ATTEMPTS = 20  # proposals one breeding task may try for a new, valid, unseen child
+OUTAGE_FIRST_RETRY = 15.0  # seconds before an unreachable LLM is asked again; doubles each time
+OUTAGE_MAX_RETRY = 300.0
+
+
+@dataclass
+class Outage:
+    since: float  # time.time() of the first failed attempt
+    retry_at: float
+    wait: float
+
+
+class Breeder:
+    def __init__(self, config, operators: dict, recorder: Recorder, cancel: threading.Event,
+                 log: Callable[[str], None]):
+        self.config = config
+        self.operators = operators
+        self.recorder = recorder
+        self.population = recorder.population
+        self.cancel = cancel
+        self.log = log
+        uses_llm = any(name.startswith("llm") for name in operators)
+        self.threads = config.mutators.llm.concurrent_requests if uses_llm else 1
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="evo-breeder")
+        self._breeding: set[Future] = set()
+        self.fruitless = 0  # breeding tasks in a row that produced nothing (outages and cancels aside)
+        self.outages: dict[str, Outage] = {}
+        self._next_island = 0
+        for operator in operators.values():
+            if hasattr(operator, "set_cancel"):  # LLM operators abandon requests in flight on cancel
+                operator.set_cancel(cancel)
+
+    # ---- what the scheduler sees ----
+    def in_flight(self) -> int:
+        return len(self._breeding)
+
+    def futures(self) -> list[Future]:
+        return list(self._breeding)
+
+    def top_up(self, more: int) -> None:
+        """Start up to `more` breeding tasks, at most one per breeder thread."""
+        for _ in range(min(more, self.threads - len(self._breeding))):
+            if self.cancel.is_set():
+                return
+            self._breeding.add(self._pool.submit(self.breed))
+
+    def collect(self) -> None:
+        for future in [f for f in self._breeding if f.done()]:
+            self._breeding.discard(future)
+            child, waiting = future.result()
+            if child is not None:
+                self.fruitless = 0
+            elif not waiting and not self.cancel.is_set():
+                self.fruitless += 1
+
+    def close(self) -> None:
+        self.cancel.set()
+        self._pool.shutdown(wait=True)
+
+    def note(self) -> str:
+        """A word for the status line while an operator's server is down."""
+        now = time.time()
+        return "; ".join(f"{name}: server unreachable for {clock(now - o.since)}, next try in {clock(max(0, o.retry_at - now))}"
+                         for name, o in sorted(self.outages.items()))
+
+    def outage_reason(self) -> str | None:
+        minutes = getattr(self.config.mutators.llm, "max_outage_minutes", 30.0)
+        limit = minutes * 60
+        for name, o in sorted(self.outages.items()):
+            if time.time() - o.since > limit:
+                return (f"the LLM server of operator {name} ({self.config.mutators.llm.base_url}) has been unreachable "
+                        f"for {clock(time.time() - o.since)}, longer than mutators.llm.max_outage_minutes "
+                        f"({minutes:g}); start it and `evo resume`")
+        return None
+
+    # ---- breeding ----
+    def _choose_operator(self):
+        """A weighted draw among the operators still active and not waiting out an outage."""
+        now = time.time()
+        names = [n for n, w in self.config.operators.items()
+                 if w > 0 and n in self.operators and getattr(self.operators[n], "active", True)
+                 and not (n in self.outages and self.outages[n].retry_at > now)]
+        if not names:
+            return None
+        weights = [self.config.operators[n] for n in names]
+        return self.operators[self.recorder.rng.choices(names, weights)[0]]
+
+    def breed(self):
+        """(a new child, False) or (None, waiting): waiting is True when every operator is paused by an outage."""
+        for _ in range(BREED_ATTEMPTS):
+            if self.cancel.is_set():
+                return None, False
+            with self.recorder.lock:
+                island = self._next_island
+                self._next_island = (island + 1) % self.config.population.islands
+                operator = self._choose_operator()
+                if operator is None:
+                    waiting = bool(self.outages)
+            if operator is None:
+                if waiting:
+                    self.cancel.wait(1.0)  # every operator waits out an outage: look again in a second
+                return None, waiting
+            with self.recorder.lock:
+                parents = []
+                for _ in range(operator.parents_needed):
+                    parent = self.population.tournament(island, self.config.population.tournament_size, self.recorder.rng)
+                    if parent is None:
+                        return None, False
+                    parents.append(Parent(parent.id, self.recorder.code_of(parent.id), parent.val_bpb))
+                context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
+                op_rng = random.Random(self.recorder.rng.getrandbits(64))  # operators never share the engine's RNG
+            proposal = self._propose(operator, parents, op_rng, context)
+            if isinstance(proposal, Refusal):
+                if getattr(proposal, "cancelled", False) or self.cancel.is_set():
+                    return None, False
+                self.recorder.refused(operator.name, proposal.reason)
+                if getattr(proposal, "outage", False):
+                    self._outage(operator.name, proposal.reason)
+                continue
+            self._reachable(operator.name)
+            self.recorder.proposed(operator.name)
+            with self.recorder.lock:
+                if self.population.known(normalized_hash(proposal.code)):
+                    self.recorder.duplicate()
+                    self.feedback(operator.name, proposal.details, None, evaluated=False)
+                    continue
+                if self.cancel.is_set():
+                    self.feedback(operator.name, proposal.details, None, evaluated=False)
+                    return None, False
+                child = self.recorder.new_individual(proposal.code, proposal.operator, [p.id for p in parents], island,
+                                                     proposal.details, proposal.hypothesis)
+                return child, False
+        return None, False
+
+    def _propose(self, operator, parents, rng, context):
+        """The operator's proposal; an exception in an operator is a refusal, never the end of the run."""
+        try:
+            if context is not None:
+                return operator.propose(parents, rng, context)
+            return operator.propose(parents, rng)
+        except Exception as e:  # noqa: BLE001 - any operator bug becomes a counted refusal
+            return Refusal(operator.name, f"operator raised {type(e).__name__}: {str(e)[:200]}")
+
+    def _outage(self, name: str, reason: str) -> None:
+        with self.recorder.lock:
+            now = time.time()
+            o = self.outages.get(name)
+            if o is None:
+                o = self.outages[name] = Outage(since=now, retry_at=now, wait=OUTAGE_FIRST_RETRY / 2)
+                self.log(f"{name}: LLM server unreachable ({reason}); other operators go on, it is retried with backoff")
+            o.wait = min(OUTAGE_MAX_RETRY, o.wait * 2)
+            o.retry_at = now + o.wait
+
+    def _reachable(self, name: str) -> None:
+        with self.recorder.lock:
+            o = self.outages.pop(name, None)
+        if o is not None:
+            self.log(f"{name}: LLM server reachable again after {clock(time.time() - o.since)}")
+
+    def feedback(self, operator_name: str, details: dict, val_bpb: float | None, evaluated: bool) -> None:
+        """Operators that learn (Optuna) hear how their children did."""
+        operator = self.operators.get(operator_name)
+        if operator is not None and hasattr(operator, "feedback"):
+            operator.feedback(details, val_bpb, evaluated)
+
+    def context_for(self, parent_id: str, island: int) -> Context:
+        """What an LLM may see besides the parent: validation numbers and log tails, never held-out."""
+        llm = self.config.mutators.llm
+        store = self.recorder.store
+        others = [i for i in self.population.ranked() if i.island != island and i.id != parent_id][: llm.relatives]
+        relatives = [Relative(i.id, self.recorder.code_of(i.id), i.val_bpb, i.island) for i in others]
+        finished = [i for i in self.population.individuals.values() if i.status not in (PENDING, "ok")]
+        finished.sort(key=lambda i: i.finished_at or 0, reverse=True)
+        failures = []
+        for i in finished[: llm.failures]:
+            result = store.variant_dir(i.id) / "result.json"
+            try:
+                tail = json.loads(result.read_text()).get("log_tail", "") if result.is_file() else ""
+            except (OSError, ValueError):
+                tail = ""
+            failures.append(Failure(i.id, i.status, i.reason, tail[-1500:], i.hypothesis))
+        ideas = []
+        for i in sorted(self.population.individuals.values(), key=lambda i: i.birth, reverse=True):
+            if i.operator == "seed" or i.status == PENDING or not i.hypothesis:
+                continue
+            parent = self.population.individuals.get(i.parents[0]) if i.parents else None
+            if i.evaluated_ok and parent is not None and parent.val_bpb is not None:
+                outcome = f"val_bpb {i.val_bpb:.4f} vs parent {parent.val_bpb:.4f}"
+            else:
+                outcome = i.status if i.status != "ok" else f"val_bpb {i.val_bpb}"
+            ideas.append(Idea(i.operator, i.hypothesis, outcome))
+            if len(ideas) >= llm.ideas:
+                break
+        return Context(relatives, failures, ideas)
