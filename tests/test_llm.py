@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evo.config import LLMSettings
+from evo.config import ConfigError, LLMSettings, load_config
 from mutators import llm
 from mutators.base import Context, Failure, Idea, Parent, Proposal, Refusal, Relative
 from mutators.llm import LLMClient, LLMCrossover, LLMEdit
@@ -184,3 +184,13 @@ def test_weighted_models(tmp_path):
             op.propose([parent()], rng)
         counts = {m: sum(r["model"] == m for r in server.requests) for m in ("big", "small", "off")}
     assert counts["off"] == 0 and counts["small"] > counts["big"] > 0
+
+
+def test_max_outage_minutes_is_an_llm_setting_that_must_be_positive(tmp_path):
+    assert LLMSettings().max_outage_minutes == 30
+    path = tmp_path / "c.yaml"
+    path.write_text("mutators:\n  llm:\n    max_outage_minutes: 0\n")
+    with pytest.raises(ConfigError, match="mutators.llm.max_outage_minutes"):
+        load_config(path)
+    path.write_text("mutators:\n  llm:\n    max_outage_minutes: 2.5\n")
+    assert load_config(path).mutators.llm.max_outage_minutes == 2.5
