@@ -102,6 +102,7 @@ class LLMSettings(Section):
     max_tokens: int = Field(4096, gt=0)
     timeout: float = Field(120.0, gt=0, description="seconds per request")
     retries: int = Field(3, ge=0, description="retries after 429, 5xx and timeouts, with exponential backoff")
+    max_outage_minutes: float = Field(30.0, gt=0, description="stop the run after the LLM server has been unreachable this long; meanwhile other operators go on and the LLM is retried with backoff")
     concurrent_requests: int = Field(2, ge=1, description="requests in flight at once across all workers")
     edit_format: Literal["diff", "full"] = Field("diff", description="SEARCH/REPLACE blocks, or a whole new file")
     token_budget: int | None = Field(None, gt=0, description="total tokens; once spent, LLM operators switch off")

@@ -2,6 +2,12 @@
 
 Operators never run code. A proposal is parsed and compiled before it is offered, and a child
 identical to its parent is refused.
+
+A refusal says why. Two kinds are not the proposal's fault, and the engine treats them apart:
+`outage` (the operator's server could not be reached, or timed out or answered 429/5xx on
+every attempt: back off and try that operator again later) and `cancelled` (the run is
+stopping: not a refusal at all). Operators that may block for long (the LLM ones) take the
+engine's stop event through `set_cancel(event)`; see mutators/llm.py.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ class Proposal:
 class Refusal:
     operator: str
     reason: str
+    outage: bool = False  # the server was unreachable or failing on every attempt; retry later
+    cancelled: bool = False  # the cancel event was set; the run is stopping
 
 
 @dataclass

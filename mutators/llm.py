@@ -2,7 +2,19 @@
 llama.cpp's server), through the official openai client.
 
 Every fault (refused connection, timeout, 429, 5xx, an empty or malformed reply, an edit that
-does not apply) ends as a counted refusal with its reason; the run never stops for one.
+does not apply) ends as a refusal with its reason; the run never stops for one. Refusals whose
+every attempt failed for the server's sake (no connection, a timeout, 429 or 5xx, retried with
+backoff) carry `outage=True`: the engine backs off and retries the operator instead of counting
+them against it. An HTTP 4xx other than 429, an empty or malformed reply, or an edit that does
+not apply is the proposal's failure (`outage=False`).
+
+Cancelling: the engine hands its stop event to each LLM operator once, with
+`operator.set_cancel(event)` (edit and crossover each take it; they share one client). When the
+event is set, the backoff between retries ends at once, a request in flight is abandoned within
+about 0.1 s, and `propose` returns `Refusal(..., cancelled=True)`. A request runs in a daemon
+thread, so an abandoned one never holds up the interpreter's exit; it ends with the server's
+reply or the client's timeout, and its tokens, if any, are not counted.
+
 Prompts are built from the templates in mutators/prompts/ and only ever carry validation
 numbers and log tails, never held-out results.
 """
@@ -34,7 +46,20 @@ def template(name: str) -> Template:
 
 
 class LLMFailure(Exception):
-    """A request that did not produce a usable reply; str(e) is the counted reason."""
+    """A request that did not produce a usable reply; str(e) is the counted reason.
+
+    `outage`: every attempt failed for the server's sake (unreachable, timeout, 429, 5xx).
+    `cancelled`: the cancel event was set before a reply came.
+    """
+
+    def __init__(self, reason: str, outage: bool = False, cancelled: bool = False):
+        super().__init__(reason)
+        self.outage = outage
+        self.cancelled = cancelled
+
+
+NEVER = threading.Event()  # the cancel event of a client nobody cancels
+CANCEL_POLL_SECONDS = 0.1  # how often a caller waiting for a reply looks at the cancel event
 
 
 @dataclass
@@ -91,17 +116,17 @@ class LLMClient:
             cls._clients[key] = cls(settings, run_dir)
         return cls._clients[key]
 
-    def chat(self, messages: list[dict], model: str) -> Reply:
+    def chat(self, messages: list[dict], model: str, cancel: threading.Event = NEVER) -> Reply:
         reason = "no attempt made"
         for attempt in range(self.settings.retries + 1):
-            if attempt:
-                time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+            if cancel.is_set():
+                raise LLMFailure("cancelled before the request was sent", cancelled=True)
+            if attempt and cancel.wait(BACKOFF_SECONDS * 2 ** (attempt - 1)):
+                raise LLMFailure(f"cancelled while waiting to retry ({reason})", cancelled=True)
             started = time.monotonic()
             try:
-                with self.slots:
-                    response = self.client.chat.completions.create(
-                        model=model, messages=messages, temperature=self.settings.temperature,
-                        max_tokens=self.settings.max_tokens)
+                response = self._create(cancel, model=model, messages=messages,
+                                        temperature=self.settings.temperature, max_tokens=self.settings.max_tokens)
             except openai.APITimeoutError:
                 reason = f"timeout after {self.settings.timeout:.0f}s"
                 continue
@@ -129,7 +154,38 @@ class LLMClient:
             if not text or not text.strip():
                 raise LLMFailure("empty reply")
             return Reply(text, model, prompt, completion, time.monotonic() - started)
-        raise LLMFailure(f"{reason}, after {self.settings.retries + 1} attempts")
+        # Only the server's faults are retried, so every attempt failed for the server's sake.
+        raise LLMFailure(f"{reason}, after {self.settings.retries + 1} attempts", outage=True)
+
+    def _create(self, cancel: threading.Event, **request):
+        """One request in a daemon thread, so that the caller can walk away when `cancel` is set.
+
+        The thread takes a slot of the request cap and keeps it until the request ends, even if
+        abandoned: the server is still busy with it.
+        """
+        done = threading.Event()
+        outcome: dict = {}
+
+        def send():
+            try:
+                with self.slots:
+                    if not cancel.is_set():
+                        outcome["sent"] = True
+                        outcome["response"] = self.client.chat.completions.create(**request)
+            except BaseException as e:  # handed to the caller, raised there
+                outcome["error"] = e
+            finally:
+                done.set()
+
+        threading.Thread(target=send, name="evo-llm-request", daemon=True).start()
+        while not done.wait(CANCEL_POLL_SECONDS) and not cancel.is_set():
+            pass
+        if "error" in outcome:
+            raise outcome["error"]
+        if "response" in outcome:
+            return outcome["response"]
+        where = "the LLM server" if outcome.get("sent") else "a request slot"
+        raise LLMFailure(f"cancelled while waiting for {where}", cancelled=True)
 
 
 # ---- reading replies ----
@@ -188,6 +244,11 @@ class _LLMOperator:
         if not path.is_file():
             path = PACKAGE_ROOT / program_path
         self.program = path.read_text() if path.is_file() else "(no research direction given)"
+        self.cancel = NEVER
+
+    def set_cancel(self, event: threading.Event) -> None:
+        """The engine's stop event: once set, `propose` returns a cancelled refusal promptly."""
+        self.cancel = event
 
     @property
     def active(self) -> bool:
@@ -202,7 +263,7 @@ class _LLMOperator:
         """Ask; if the reply cannot be used, show the model the error once and ask again."""
         totals = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "latency_s": 0.0, "model": model}
         for attempt in range(2):
-            reply = self.client.chat(messages, model)
+            reply = self.client.chat(messages, model, self.cancel)
             totals["prompt_tokens"] += reply.prompt_tokens
             totals["completion_tokens"] += reply.completion_tokens
             totals["total_tokens"] += reply.prompt_tokens + reply.completion_tokens
@@ -229,7 +290,7 @@ class _LLMOperator:
         try:
             code, hypothesis, usage = self._converse(messages, model, read)
         except LLMFailure as e:
-            return Refusal(self.name, str(e))
+            return Refusal(self.name, str(e), outage=e.outage, cancelled=e.cancelled)
         return checked(Proposal(code, self.name, {**extra, "llm": usage}, hypothesis or "(no hypothesis stated)"), parent_code)
 
 

@@ -21,14 +21,17 @@ def completion(text: str, model: str = "scripted") -> dict:
 
 
 class ScriptedServer:
-    """Steps: ("reply", text), ("status", code), ("sleep", seconds), ("garbage", text). When
-    the script runs out, `default` (a step) answers."""
+    """Steps: ("reply", text), ("status", code), ("sleep", seconds[, text]), ("garbage", text).
+    When the script runs out, `default` (a step) answers. A sleep ends early on `wake.set()`
+    or when the server stops, so a test never waits for it. `port` 0 picks a free port; give
+    one to bring a server up where nothing listened before."""
 
-    def __init__(self, script=(), default=("status", 503)):
+    def __init__(self, script=(), default=("status", 503), port: int = 0):
         self.script = list(script)
         self.default = default
         self.requests: list[dict] = []
         self.lock = threading.Lock()
+        self.wake = threading.Event()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -42,7 +45,7 @@ class ScriptedServer:
                     step = server.script.pop(0) if server.script else server.default
                 kind = step[0]
                 if kind == "sleep":
-                    time.sleep(step[1])
+                    server.wake.wait(step[1])
                     step = ("reply", step[2]) if len(step) > 2 else ("reply", "late")
                     kind = "reply"
                 if kind == "reply":
@@ -59,7 +62,7 @@ class ScriptedServer:
                 self.end_headers()
                 self.wfile.write(payload)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
@@ -74,5 +77,6 @@ class ScriptedServer:
         return self
 
     def __exit__(self, *exc):
+        self.wake.set()
         self.httpd.shutdown()
         self.httpd.server_close()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import random
 import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from evo.config import LLMSettings
+from evo.config import ConfigError, LLMSettings, load_config
 from mutators import llm
 from mutators.base import Context, Failure, Idea, Parent, Proposal, Refusal, Relative
 from mutators.llm import LLMClient, LLMCrossover, LLMEdit
@@ -87,20 +89,22 @@ def test_a_second_bad_reply_is_a_counted_refusal(tmp_path):
     assert isinstance(result, Refusal) and "after a retry" in result.reason
 
 
-@pytest.mark.parametrize("script, words", [
-    ([("reply", "I think you should try a bigger model!")] * 2, "no SEARCH/REPLACE blocks"),
-    ([("reply", "   ")], "empty reply"),
-    ([("garbage", "<html>not json</html>")], "unreadable response"),
-    ([("status", 500)] * 3, "server error (HTTP 500), after 3 attempts"),
-    ([("status", 429)] * 3, "rate limited (HTTP 429), after 3 attempts"),
-    ([("status", 400)], "request rejected (HTTP 400)"),
-    ([("sleep", 3.0)] * 3, "timeout after 2s"),
+@pytest.mark.parametrize("script, words, outage", [
+    ([("reply", "I think you should try a bigger model!")] * 2, "no SEARCH/REPLACE blocks", False),
+    ([("reply", "   ")], "empty reply", False),
+    ([("garbage", "<html>not json</html>")], "unreadable response", False),
+    ([("status", 500)] * 3, "server error (HTTP 500), after 3 attempts", True),
+    ([("status", 429)] * 3, "rate limited (HTTP 429), after 3 attempts", True),
+    ([("status", 400)], "request rejected (HTTP 400)", False),
+    ([("status", 503), ("status", 400)], "request rejected (HTTP 400)", False),
+    ([("sleep", 3.0)] * 3, "timeout after 2s", True),
 ])
-def test_faults_are_refusals_with_reasons(tmp_path, script, words):
+def test_faults_are_refusals_with_reasons_and_only_the_servers_are_outages(tmp_path, script, words, outage):
     with ScriptedServer(script) as server:
         result = operator(server, tmp_path).propose([parent()], random.Random(0))
     assert isinstance(result, Refusal)
     assert words in result.reason
+    assert result.outage is outage and not result.cancelled
 
 
 def test_429_and_500_are_retried_with_backoff_then_succeed(tmp_path):
@@ -110,13 +114,110 @@ def test_429_and_500_are_retried_with_backoff_then_succeed(tmp_path):
     assert isinstance(result, Proposal)
 
 
-def test_connection_refused_is_a_refusal(tmp_path):
+def free_port() -> int:
+    """A port nothing listens on (bound once, then let go)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    settings = LLMSettings(base_url=f"http://127.0.0.1:{port}/v1", retries=1, timeout=2.0)
+        return s.getsockname()[1]
+
+
+def test_connection_refused_is_an_outage(tmp_path):
+    settings = LLMSettings(base_url=f"http://127.0.0.1:{free_port()}/v1", retries=1, timeout=2.0)
     result = LLMEdit(settings, tmp_path).propose([parent()], random.Random(0))
     assert isinstance(result, Refusal) and "connection failed" in result.reason
+    assert result.outage and not result.cancelled
+
+
+def test_an_operator_proposes_again_once_its_server_is_back(tmp_path):
+    port = free_port()
+    settings = LLMSettings(base_url=f"http://127.0.0.1:{port}/v1", models={"model-a": 1.0}, retries=1, timeout=2.0)
+    op = LLMEdit(settings, tmp_path)
+    down = op.propose([parent()], random.Random(0))
+    assert isinstance(down, Refusal) and down.outage
+    with ScriptedServer([("reply", GOOD_EDIT)], port=port) as server:
+        back = op.propose([parent()], random.Random(0))
+        assert len(server.requests) == 1
+    assert isinstance(back, Proposal) and "LR = 0.02" in back.code
+    again = op.propose([parent()], random.Random(0))
+    assert isinstance(again, Refusal) and again.outage
+
+
+def set_later(event: threading.Event, seconds: float = 1.0) -> None:
+    threading.Timer(seconds, event.set).start()
+
+
+def request_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "evo-llm-request"]
+
+
+def test_cancel_abandons_a_request_in_flight(tmp_path):
+    cancel = threading.Event()
+    with ScriptedServer([("sleep", 60.0, GOOD_EDIT)]) as server:
+        op = operator(server, tmp_path, timeout=120.0)
+        op.set_cancel(cancel)
+        set_later(cancel)
+        started = time.monotonic()
+        result = op.propose([parent()], random.Random(0))
+        elapsed = time.monotonic() - started
+        assert len(server.requests) == 1
+        assert all(t.daemon for t in request_threads())  # an abandoned request never blocks exit
+    assert elapsed < 10, f"propose took {elapsed:.1f}s; the server would have taken 60s"
+    assert isinstance(result, Refusal) and result.cancelled and not result.outage
+    assert "cancelled" in result.reason
+
+
+def test_cancel_ends_the_backoff_between_retries(tmp_path, monkeypatch):
+    monkeypatch.setattr(llm, "BACKOFF_SECONDS", 60.0)
+    cancel = threading.Event()
+    with ScriptedServer([], default=("status", 503)) as server:
+        op = operator(server, tmp_path, retries=3)
+        op.set_cancel(cancel)
+        set_later(cancel)
+        started = time.monotonic()
+        result = op.propose([parent()], random.Random(0))
+        elapsed = time.monotonic() - started
+        assert len(server.requests) == 1
+    assert elapsed < 10, f"propose took {elapsed:.1f}s; the backoff was 60s"
+    assert isinstance(result, Refusal) and result.cancelled and not result.outage
+    assert "waiting to retry" in result.reason and "HTTP 503" in result.reason
+
+
+@pytest.mark.parametrize("cls", [LLMEdit, LLMCrossover])
+def test_a_cancelled_operator_sends_nothing(tmp_path, cls):
+    cancel = threading.Event()
+    cancel.set()
+    with ScriptedServer([("reply", GOOD_EDIT)]) as server:
+        op = operator(server, tmp_path, cls=cls)
+        op.set_cancel(cancel)
+        result = op.propose([parent(), Parent("v00002", PARENT.replace("4", "5"), 2.4)][: cls.parents_needed],
+                            random.Random(0))
+        assert server.requests == []
+    assert isinstance(result, Refusal) and result.cancelled and not result.outage
+
+
+def test_a_request_cancelled_while_waiting_for_a_slot_is_never_sent(tmp_path):
+    with ScriptedServer([("sleep", 60.0, GOOD_EDIT), ("reply", GOOD_EDIT)]) as server:
+        busy = operator(server, tmp_path, concurrent_requests=1, timeout=120.0)
+        first = []
+        holder = threading.Thread(target=lambda: first.append(busy.propose([parent()], random.Random(0))), daemon=True)
+        holder.start()
+        deadline = time.monotonic() + 30
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(server.requests) == 1
+        waiting = operator(server, tmp_path, concurrent_requests=1, timeout=120.0)
+        assert waiting.client is busy.client  # one request cap per run
+        cancel = threading.Event()
+        waiting.set_cancel(cancel)
+        set_later(cancel)
+        result = waiting.propose([parent()], random.Random(0))
+        assert isinstance(result, Refusal) and result.cancelled and "slot" in result.reason
+        server.wake.set()  # the first request ends; its slot frees
+        holder.join(30)
+        for thread in request_threads():
+            thread.join(30)
+        assert isinstance(first[0], Proposal)
+        assert len(server.requests) == 1
 
 
 def test_a_child_that_does_not_compile_is_retried_then_refused(tmp_path):
@@ -184,3 +285,13 @@ def test_weighted_models(tmp_path):
             op.propose([parent()], rng)
         counts = {m: sum(r["model"] == m for r in server.requests) for m in ("big", "small", "off")}
     assert counts["off"] == 0 and counts["small"] > counts["big"] > 0
+
+
+def test_max_outage_minutes_is_an_llm_setting_that_must_be_positive(tmp_path):
+    assert LLMSettings().max_outage_minutes == 30
+    path = tmp_path / "c.yaml"
+    path.write_text("mutators:\n  llm:\n    max_outage_minutes: 0\n")
+    with pytest.raises(ConfigError, match="mutators.llm.max_outage_minutes"):
+        load_config(path)
+    path.write_text("mutators:\n  llm:\n    max_outage_minutes: 2.5\n")
+    assert load_config(path).mutators.llm.max_outage_minutes == 2.5
