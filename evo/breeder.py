@@ -88,7 +88,7 @@ class Breeder:
                          for name, o in sorted(self.outages.items()))
 
     def outage_reason(self) -> str | None:
-        minutes = getattr(self.config.mutators.llm, "max_outage_minutes", 30.0)
+        minutes = self.config.mutators.llm.max_outage_minutes
         limit = minutes * 60
         for name, o in sorted(self.outages.items()):
             if time.time() - o.since > limit:
@@ -135,10 +135,10 @@ class Breeder:
                 op_rng = random.Random(self.recorder.rng.getrandbits(64))  # operators never share the engine's RNG
             proposal = self._propose(operator, parents, op_rng, context)
             if isinstance(proposal, Refusal):
-                if getattr(proposal, "cancelled", False) or self.cancel.is_set():
+                if proposal.cancelled or self.cancel.is_set():
                     return None, False
                 self.recorder.refused(operator.name, proposal.reason)
-                if getattr(proposal, "outage", False):
+                if proposal.outage:
                     self._outage(operator.name, proposal.reason)
                 continue
             self._reachable(operator.name)

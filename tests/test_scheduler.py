@@ -206,8 +206,8 @@ def test_an_llm_outage_pauses_that_operator_lets_others_go_on_and_stops_past_the
     llm.name = "llm"
     ast = StepQuality()
     engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality, seconds=0.05), ops={"llm": llm, "perturb": ast},
-                                  max_evaluations=500, operators={"llm": 1.0, "perturb": 1.0})
-    engine.config.mutators.llm.__dict__["max_outage_minutes"] = 3 / 60  # pydantic would refuse a new field
+                                  max_evaluations=500, operators={"llm": 1.0, "perturb": 1.0},
+                                  mutators={"llm": {"max_outage_minutes": 3 / 60}})
     notes = []
     engine.on_tick = lambda snapshot: notes.append(snapshot.note)
     started = time.monotonic()
@@ -238,3 +238,25 @@ def test_guard_runs_go_first_and_finish_after_the_limit(setup_run):
     assert state["guard"]["queue"] == []  # every verdict given, though breeding stopped at 6
     assert all(job.settings.heldout for job in executor.jobs if job.kind != CHILD)
     assert not any(job.settings.heldout for job in executor.jobs if job.kind == CHILD)
+
+
+def test_a_real_llm_server_that_is_down_pauses_the_llm_while_perturb_goes_on(setup_run):
+    """The real LLM operator on a closed port of 127.0.0.1, through the real openai client."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), max_evaluations=8,
+                                  operators={"llm": 4.0, "perturb": 1.0},
+                                  mutators={"llm": {"base_url": f"http://127.0.0.1:{closed_port}/v1", "retries": 0,
+                                                    "timeout": 5}})
+    lines = []
+    engine.log = lines.append
+    reason = engine.run()
+    assert "max_evaluations (8)" in reason  # the run did not end for want of the LLM
+    individuals, state = RunStore(run_dir).load()
+    assert len(individuals) == 8 and {i.operator for i in individuals} == {"seed", "perturb"}
+    assert any("llm: LLM server unreachable" in line for line in lines), (lines, state["counters"]["refusals"])
+    refusals = state["counters"]["refusals"]["llm"]
+    assert 1 <= sum(refusals.values()) <= 3 and all("connection failed" in r for r in refusals)  # backed off
