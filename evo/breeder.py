@@ -62,7 +62,7 @@ class Breeder:
         return list(self._breeding)
 
     def top_up(self, more: int) -> None:
-        """Start up to `more` breeding tasks, at most one per breeder thread."""
+        """Start up to `more` breeding tasks, never more in flight than breeder threads."""
         for _ in range(min(more, self.threads - len(self._breeding))):
             if self.cancel.is_set():
                 return

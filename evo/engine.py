@@ -176,12 +176,16 @@ class Engine:
         )
 
     def _more_children_wanted(self) -> int:
-        """Children to start breeding now: a few queued per slot, never more than the evaluations left."""
-        coming = len(self._queued()) + self.breeder.in_flight()
-        more = READY_PER_SLOT * self.executor.capacity() - coming
+        """Breeding tasks to start now. While fewer than a few children per slot are queued, breed
+        at the breeder's full concurrency (the LLM's request cap): a slow LLM then still keeps
+        up with fast evaluations. Never more than the evaluations left."""
+        queued = len(self._queued())
+        if queued >= READY_PER_SLOT * self.executor.capacity():
+            return 0
+        more = self.breeder.threads
         limit = self.config.stopping.max_evaluations
         if limit is not None:
-            more = min(more, limit - self._children_started() - coming)
+            more = min(more, limit - self._children_started() - queued - self.breeder.in_flight())
         return max(0, more)
 
     # ---- the loop ----

@@ -9,13 +9,17 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+from typing import Callable
+
 from evo.jobs import Job, run_job
 from evo.workers import WorkerSlot
 from trainer.evaluator import Evaluator
 
 
 class LocalExecutor:
-    def __init__(self, slots: list[WorkerSlot], sandboxed: bool, evaluation_mode: str, log_dir: str | Path):
+    def __init__(self, slots: list[WorkerSlot], sandboxed: bool, evaluation_mode: str, log_dir: str | Path,
+                 run: Callable = run_job):
+        self.run = run  # what runs a job on a slot: the runner (benchmarks pass a stand-in)
         self.slots = list(slots)
         self.sandboxed = sandboxed
         self.evaluation_mode = evaluation_mode
@@ -39,7 +43,7 @@ class LocalExecutor:
 
     def _run(self, job: Job, slot: WorkerSlot, cancel: threading.Event):
         try:
-            result = run_job(job, slot.device, slot.gpu, slot.threads, self._evaluator(slot), cancel)
+            result = self.run(job, slot.device, slot.gpu, slot.threads, self._evaluator(slot), cancel)
             result.worker = slot.label
             return result
         finally:

@@ -47,7 +47,7 @@ class NodeSetupError(RuntimeError):
 
 
 class RayExecutor:
-    def __init__(self, config, log: Callable[[str], None] = print):
+    def __init__(self, config, log: Callable[[str], None] = print, run: Callable = run_job):
         try:
             import ray
         except ImportError:
@@ -74,6 +74,7 @@ class RayExecutor:
             "evaluation": config.evaluation.mode,
             "gpus": e.gpus_per_job,
             "threads": max(1, int(e.cpus_per_job)),
+            "run": run,  # what runs a job on the node: the runner (benchmarks pass a stand-in)
         }
         self._task = ray.remote(_run_on_node).options(
             num_gpus=e.gpus_per_job, num_cpus=e.cpus_per_job, max_retries=TASK_RETRIES, retry_exceptions=False)
@@ -189,7 +190,7 @@ def _run_on_node(job: Job, setup: dict) -> dict:
     folder = scratch / Path(job.folder).name  # named as in the run directory (v00042, rerun-1003)
     try:
         try:
-            result = run_job(job, device, gpu, setup["threads"], evaluator, None, folder)
+            result = setup["run"](job, device, gpu, setup["threads"], evaluator, None, folder)
         except EvaluationUntrusted as e:
             raise NodeSetupError(f"node {node}: {e}") from None
         result.worker = f"{node}" + (f" cuda:{gpu}" if gpu is not None else "")
