@@ -63,18 +63,25 @@ def _finish_run(engine, how: str) -> int:
 
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     from evo.config import load_config
+    from evo.lock import RunLock
     from evo.runs import start_run
 
     config = load_config(args.config, args.set)
-    engine = start_run(config, args.config)
-    print(f"run directory: {engine.store.dir}")
-    return _finish_run(engine, "finished")
+    with RunLock(Path(config.run.dir) / config.run.name):  # held until the engine is done
+        engine = start_run(config, args.config)
+        print(f"run directory: {engine.store.dir}")
+        return _finish_run(engine, "finished")
 
 
 def _cmd_resume(args: argparse.Namespace, rest: list[str]) -> int:
+    from evo.lock import RunLock
     from evo.runs import resume_run
+    from evo.store import RunStore
 
-    return _finish_run(resume_run(args.run_dir, args.set), "finished")
+    RunStore(args.run_dir).run_info()  # not a run directory: say so, and leave it untouched
+    # Locked before resume_run, which kills the processes of evaluations it finds in flight.
+    with RunLock(args.run_dir, create=False):
+        return _finish_run(resume_run(args.run_dir, args.set), "finished")
 
 
 def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
@@ -180,12 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_prepare(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
     from evo.config import ConfigError
+    from evo.lock import RunLocked
     from evo.store import StoreError
     from trainer.runner import EvaluationUntrusted, EvaluatorFailed, SandboxUnavailable
 
     try:
         return args.handler(args, [])
-    except (ConfigError, StoreError, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted, EvaluatorFailed) as e:
+    except (ConfigError, StoreError, RunLocked, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted, EvaluatorFailed) as e:
         print(f"evo {args.command}: error: {e}", file=sys.stderr)
         return 2
 
