@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -48,17 +49,24 @@ def _finish_run(engine, how: str) -> int:
     run_dir = engine.store.dir
     try:
         with Display() as display:
-            engine.log, engine.on_tick = display.log, display.update
+            # `evo run ... | head`: once the reader is gone, the run stops as after Ctrl-C.
+            engine.log, engine.on_tick = output.guarded(display.log, on_close=engine.cancel.set), display.update
+            if output.closed:  # already while the run was being set up
+                engine.cancel.set()
             reason = engine.run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: running variants killed, checkpoint written. Continue with: evo resume {run_dir}")
+        output.print(f"\ninterrupted: running variants killed, checkpoint written. Continue with: evo resume {run_dir}")
         return 130
-    print(f"\nrun {how}: {reason}\n")
-    print(status_text(run_dir))
+    if output.closed:
+        print(f"evo: standard output was closed, so the run stopped: running variants killed, checkpoint written. "
+              f"Continue with: evo resume {run_dir}", file=sys.stderr)
+        return SIGPIPE_EXIT
+    output.print(f"\nrun {how}: {reason}\n")
+    output.print(status_text(run_dir))
     if engine.population.best() is not None:
         out = export(run_dir)
-        print(f"\nresults: {run_dir}\nbest variant exported to: {out}/train.py (metadata.json, seed.diff beside it)")
-    return 0
+        output.print(f"\nresults: {run_dir}\nbest variant exported to: {out}/train.py (metadata.json, seed.diff beside it)")
+    return SIGPIPE_EXIT if output.closed else 0
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
@@ -68,8 +76,8 @@ def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
 
     config = load_config(args.config, args.set)
     with RunLock(Path(config.run.dir) / config.run.name):  # held until the engine is done
-        engine = start_run(config, args.config)
-        print(f"run directory: {engine.store.dir}")
+        engine = start_run(config, args.config, log=output.print)
+        output.print(f"run directory: {engine.store.dir}")
         return _finish_run(engine, "finished")
 
 
@@ -81,7 +89,7 @@ def _cmd_resume(args: argparse.Namespace, rest: list[str]) -> int:
     RunStore(args.run_dir).run_info()  # not a run directory: say so, and leave it untouched
     # Locked before resume_run, which kills the processes of evaluations it finds in flight.
     with RunLock(args.run_dir, create=False):
-        return _finish_run(resume_run(args.run_dir, args.set), "finished")
+        return _finish_run(resume_run(args.run_dir, args.set, log=output.print), "finished")
 
 
 def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
@@ -180,6 +188,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `evo` command. Output cut short (`evo status RUN | head`) ends it quietly, exit 141."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:  # --help and usage errors: their text is still in the buffer
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # a reader gone shows up here, not in Python's last flush at exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # some other pipe broke: a real error, keep its traceback
+        _silence_stdout()
+        return SIGPIPE_EXIT
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     # `evo prepare ...` hands every argument after the word to prepare.py's own parser.
@@ -196,6 +221,58 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StoreError, RunLocked, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted, EvaluatorFailed) as e:
         print(f"evo {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+# ---- standard output that a reader may close early (`evo status RUN | head`) ----
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+def _stdout_gone() -> bool:
+    """stdout is a pipe or socket whose reader has closed it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null: later writes, and Python's flush at exit, succeed without a word."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+class _Stdout:
+    """Lines for stdout from a long command (a run): once the reader is gone, they go nowhere and
+    `closed` says so, so the command can stop instead of failing somewhere in the middle."""
+
+    def __init__(self):
+        self.closed = False
+
+    def print(self, line: str) -> None:
+        self.guarded(print)(line)
+
+    def guarded(self, write, on_close=lambda: None):
+        def guarded_write(line: str) -> None:
+            if self.closed:
+                return
+            try:
+                write(line)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.closed = True
+                _silence_stdout()
+                on_close()
+
+        return guarded_write
+
+
+output = _Stdout()
 
 
 if __name__ == "__main__":
