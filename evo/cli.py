@@ -66,7 +66,39 @@ def _finish_run(engine, how: str) -> int:
     if engine.population.best() is not None:
         out = export(run_dir)
         output.print(f"\nresults: {run_dir}\nbest variant exported to: {out}/train.py (metadata.json, seed.diff beside it)")
+    failure = seed_failure(engine.population, engine.store)
+    if failure is not None:
+        print(f"evo: error: {failure}", file=sys.stderr)
+        return 1
     return SIGPIPE_EXIT if output.closed else 0
+
+
+def seed_failure(population, store) -> str | None:
+    """Why a run had nothing to evolve: its seed was evaluated and failed. None when it did not fail.
+
+    (Run after the engine returns; a seed still pending, e.g. after a stop, is not a failure.)
+    """
+    from evo.population import PENDING
+
+    seed = next((i for i in population.individuals.values() if i.operator == "seed"), None)
+    if seed is None or seed.status == PENDING or seed.evaluated_ok:
+        return None
+    log = store.variant_dir(seed.id) / "log.txt"
+    last = _last_line(log)
+    return (f"the seed ({seed.id}) failed with status {seed.status}" + (f": {seed.reason}" if seed.reason else "")
+            + (f"\n  its log ends: {last}" if last and last != seed.reason else "")
+            + f"\n  its log: {log}\n  Nothing can be bred from a seed that fails. Fix the seed file (`evo eval FILE` "
+            "runs it alone) and start a new run.")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:300] if lines else ""
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:

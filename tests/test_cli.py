@@ -61,6 +61,16 @@ def test_every_command_has_help():
         assert proc.returncode == 0 and "usage" in proc.stdout.lower()
 
 
+def test_a_run_whose_seed_fails_says_why_points_at_its_log_and_exits_1(setup_run):
+    config_path, run_dir, _ = setup_run(max_evaluations=3, before_sleep="import evo_no_such_module\n")
+    proc = evo("run", str(config_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    log = run_dir / "variants" / "v00001" / "log.txt"
+    assert "the seed (v00001) failed with status import: ModuleNotFoundError" in proc.stderr
+    assert "No module named 'evo_no_such_module'" in proc.stderr and f"its log: {log}" in proc.stderr
+    assert "evo_no_such_module" in log.read_text() and "Traceback" not in proc.stderr
+
+
 def _evo_into_a_closed_pipe(*args) -> subprocess.CompletedProcess:
     """evo writing into a pipe whose reader is already gone, as `head` is once it has its lines.
     (Its read end is closed before evo starts, so evo's first write surely finds no reader.)"""
