@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sys
 from pathlib import Path
 
@@ -48,33 +49,79 @@ def _finish_run(engine, how: str) -> int:
     run_dir = engine.store.dir
     try:
         with Display() as display:
-            engine.log, engine.on_tick = display.log, display.update
+            # `evo run ... | head`: once the reader is gone, the run stops as after Ctrl-C.
+            engine.log, engine.on_tick = output.guarded(display.log, on_close=engine.cancel.set), display.update
+            if output.closed:  # already while the run was being set up
+                engine.cancel.set()
             reason = engine.run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted: running variants killed, checkpoint written. Continue with: evo resume {run_dir}")
+        output.print(f"\ninterrupted: running variants killed, checkpoint written. Continue with: evo resume {run_dir}")
         return 130
-    print(f"\nrun {how}: {reason}\n")
-    print(status_text(run_dir))
+    if output.closed:
+        print(f"evo: standard output was closed, so the run stopped: running variants killed, checkpoint written. "
+              f"Continue with: evo resume {run_dir}", file=sys.stderr)
+        return SIGPIPE_EXIT
+    output.print(f"\nrun {how}: {reason}\n")
+    output.print(status_text(run_dir))
     if engine.population.best() is not None:
         out = export(run_dir)
-        print(f"\nresults: {run_dir}\nbest variant exported to: {out}/train.py (metadata.json, seed.diff beside it)")
-    return 0
+        output.print(f"\nresults: {run_dir}\nbest variant exported to: {out}/train.py (metadata.json, seed.diff beside it)")
+    failure = seed_failure(engine.population, engine.store)
+    if failure is not None:
+        print(f"evo: error: {failure}", file=sys.stderr)
+        return 1
+    return SIGPIPE_EXIT if output.closed else 0
+
+
+def seed_failure(population, store) -> str | None:
+    """Why a run had nothing to evolve: its seed was evaluated and failed. None when it did not fail.
+
+    (Run after the engine returns; a seed still pending, e.g. after a stop, is not a failure.)
+    """
+    from evo.population import PENDING
+
+    seed = next((i for i in population.individuals.values() if i.operator == "seed"), None)
+    if seed is None or seed.status == PENDING or seed.evaluated_ok:
+        return None
+    log = store.variant_dir(seed.id) / "log.txt"
+    last = _last_line(log)
+    return (f"the seed ({seed.id}) failed with status {seed.status}" + (f": {seed.reason}" if seed.reason else "")
+            + (f"\n  its log ends: {last}" if last and last != seed.reason else "")
+            + f"\n  its log: {log}\n  Nothing can be bred from a seed that fails. Fix the seed file (`evo eval FILE` "
+            "runs it alone) and start a new run.")
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip()[:300] if lines else ""
 
 
 def _cmd_run(args: argparse.Namespace, rest: list[str]) -> int:
     from evo.config import load_config
+    from evo.lock import RunLock
     from evo.runs import start_run
 
     config = load_config(args.config, args.set)
-    engine = start_run(config, args.config)
-    print(f"run directory: {engine.store.dir}")
-    return _finish_run(engine, "finished")
+    with RunLock(Path(config.run.dir) / config.run.name):  # held until the engine is done
+        engine = start_run(config, args.config, log=output.print)
+        output.print(f"run directory: {engine.store.dir}")
+        return _finish_run(engine, "finished")
 
 
 def _cmd_resume(args: argparse.Namespace, rest: list[str]) -> int:
+    from evo.lock import RunLock
     from evo.runs import resume_run
+    from evo.store import RunStore
 
-    return _finish_run(resume_run(args.run_dir, args.set), "finished")
+    RunStore(args.run_dir).run_info()  # not a run directory: say so, and leave it untouched
+    # Locked before resume_run, which kills the processes of evaluations it finds in flight.
+    with RunLock(args.run_dir, create=False):
+        return _finish_run(resume_run(args.run_dir, args.set, log=output.print), "finished")
 
 
 def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
@@ -173,6 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `evo` command. Output cut short (`evo status RUN | head`) ends it quietly, exit 141."""
+    try:
+        try:
+            code = _main(argv)
+        except SystemExit:  # --help and usage errors: their text is still in the buffer
+            sys.stdout.flush()
+            raise
+        sys.stdout.flush()  # a reader gone shows up here, not in Python's last flush at exit
+        return code
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # some other pipe broke: a real error, keep its traceback
+        _silence_stdout()
+        return SIGPIPE_EXIT
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     # `evo prepare ...` hands every argument after the word to prepare.py's own parser.
@@ -180,14 +244,67 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_prepare(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
     from evo.config import ConfigError
+    from evo.lock import RunLocked
     from evo.store import StoreError
     from trainer.runner import EvaluationUntrusted, EvaluatorFailed, SandboxUnavailable
 
     try:
         return args.handler(args, [])
-    except (ConfigError, StoreError, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted, EvaluatorFailed) as e:
+    except (ConfigError, StoreError, RunLocked, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted, EvaluatorFailed) as e:
         print(f"evo {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+# ---- standard output that a reader may close early (`evo status RUN | head`) ----
+
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+def _stdout_gone() -> bool:
+    """stdout is a pipe or socket whose reader has closed it."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _silence_stdout() -> None:
+    """Point fd 1 at /dev/null: later writes, and Python's flush at exit, succeed without a word."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
+class _Stdout:
+    """Lines for stdout from a long command (a run): once the reader is gone, they go nowhere and
+    `closed` says so, so the command can stop instead of failing somewhere in the middle."""
+
+    def __init__(self):
+        self.closed = False
+
+    def print(self, line: str) -> None:
+        self.guarded(print)(line)
+
+    def guarded(self, write, on_close=lambda: None):
+        def guarded_write(line: str) -> None:
+            if self.closed:
+                return
+            try:
+                write(line)
+                sys.stdout.flush()
+            except BrokenPipeError:
+                self.closed = True
+                _silence_stdout()
+                on_close()
+
+        return guarded_write
+
+
+output = _Stdout()
 
 
 if __name__ == "__main__":

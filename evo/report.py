@@ -12,6 +12,7 @@ from evo.guard import Guard
 from evo.population import Population
 from evo.progress import clock
 from evo.store import RunStore, StoreError
+from trainer.files import write_atomic
 
 
 def load_population(store: RunStore) -> tuple[Population, Counters, Guard]:
@@ -130,10 +131,10 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     out = Path(out_dir) if out_dir else store.dir / "export"
     out.mkdir(parents=True, exist_ok=True)
     code = store.code(champion.id, champion.code_hash)
-    (out / "train.py").write_text(code)
+    write_atomic(out / "train.py", code)
     seed_code = (store.dir / "seed.py").read_text()
     diff = difflib.unified_diff(seed_code.splitlines(True), code.splitlines(True), "seed/train.py", f"{champion.id}/train.py")
-    (out / "seed.diff").write_text("".join(diff))
+    write_atomic(out / "seed.diff", "".join(diff))
     lineage = [
         {"id": i.id, "operator": i.operator, "val_bpb": i.val_bpb, "hypothesis": i.hypothesis, "status": i.status}
         for i in population.lineage(champion.id)
@@ -154,5 +155,5 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         "run": store.run_info(),
         "config": (store.dir / "config.yaml").read_text(),
     }
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    write_atomic(out / "metadata.json", json.dumps(metadata, indent=2))
     return out

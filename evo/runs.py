@@ -9,6 +9,7 @@ import prepare
 from evo.config import Config, dump_config, load_config
 from evo.engine import Engine
 from evo.store import RunStore, StoreError
+from trainer.files import write_atomic
 from trainer.runner import prepare_hash
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def resume_run(run_dir: str | Path, overrides: list[str] = (), log: Callable[[st
             "Restore the original prepare.py (e.g. git checkout) to resume, or start a new run."
         )
     if overrides:  # the frozen config follows the run: a later plain resume keeps the change
-        (store.dir / "config.yaml").write_text(dump_config(config))
+        write_atomic(store.dir / "config.yaml", dump_config(config))
     engine = Engine(config, store, log)
     individuals, state = store.load()
     engine.restore(individuals, state)

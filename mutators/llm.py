@@ -87,9 +87,8 @@ class Usage:
                 bucket["prompt_tokens"] += prompt
                 bucket["completion_tokens"] += completion
                 bucket["total_tokens"] += prompt + completion
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.data, indent=2))
-            os.replace(tmp, self.path)
+            from trainer.files import write_atomic  # imported here: keeps this change to the lines it replaces
+            write_atomic(self.path, json.dumps(self.data, indent=2))
 
     @property
     def total(self) -> int:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+
+from evo.config import load_config
+from evo.runs import start_run
+from evo.store import RunStore
+from tests.procs import run_processes, run_tokens
 
 TINY = """
 import torch, prepare
@@ -53,3 +59,59 @@ def test_every_command_has_help():
     for command in (["--help"], ["eval", "--help"], ["prepare", "--help"]):
         proc = evo(*command)
         assert proc.returncode == 0 and "usage" in proc.stdout.lower()
+
+
+def test_a_run_whose_seed_fails_says_why_points_at_its_log_and_exits_1(setup_run):
+    config_path, run_dir, _ = setup_run(max_evaluations=3, before_sleep="import evo_no_such_module\n")
+    proc = evo("run", str(config_path))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    log = run_dir / "variants" / "v00001" / "log.txt"
+    assert "the seed (v00001) failed with status import: ModuleNotFoundError" in proc.stderr
+    assert "No module named 'evo_no_such_module'" in proc.stderr and f"its log: {log}" in proc.stderr
+    assert "evo_no_such_module" in log.read_text() and "Traceback" not in proc.stderr
+
+
+def _evo_into_a_closed_pipe(*args) -> subprocess.CompletedProcess:
+    """evo writing into a pipe whose reader is already gone, as `head` is once it has its lines.
+    (Its read end is closed before evo starts, so evo's first write surely finds no reader.)"""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "evo.cli", *args], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    return proc
+
+
+def test_output_cut_short_ends_quietly(setup_run, tmp_path):
+    config_path, run_dir, _ = setup_run(max_evaluations=1)
+    start_run(load_config(config_path), config_path, log=lambda line: None).run()
+    for args in (["status", str(run_dir)], ["export", str(run_dir), "--out", str(tmp_path / "out")]):
+        proc = _evo_into_a_closed_pipe(*args)
+        assert proc.returncode == 141, (args, proc.stderr)  # 128 + SIGPIPE, as a shell reports `yes | head`
+        assert proc.stderr == "", (args, proc.stderr)  # no traceback, no "Exception ignored"
+    proc = _evo_into_a_closed_pipe("status", "--help")  # argparse itself ignores the error: exit 0
+    assert proc.returncode in (0, 141) and proc.stderr == ""
+
+
+def test_a_run_whose_reader_stops_after_one_line_stops_cleanly(setup_run, tmp_path):
+    # The seed waits for the flag, so the engine is surely running when the reader goes away.
+    flag = tmp_path / "hold-the-seed"
+    flag.touch()
+    wait = f"import os\nwhile os.path.exists({str(flag)!r}):\n    time.sleep(0.05)\n"
+    config_path, run_dir, ledger = setup_run(max_evaluations=3, before_sleep=wait)
+    engine = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(config_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert engine.stdout.readline().startswith("run directory:")
+        engine.stdout.close()  # as `evo run ... | head -1` does
+        flag.unlink()
+        _, stderr = engine.communicate(timeout=180)
+    finally:
+        engine.kill()
+    assert engine.returncode == 141, stderr
+    assert "Traceback" not in stderr and f"Continue with: evo resume {run_dir}" in stderr
+    individuals, state = RunStore(run_dir).load()  # a good checkpoint, nothing running
+    assert state["counters"]["evaluations"] < 3 and individuals
+    assert not run_processes(run_tokens(run_dir))

@@ -18,7 +18,7 @@ from evo.population import normalized_hash
 from evo.report import export, status_text
 from evo.runs import resume_run, start_run
 from evo.store import RunStore, StoreError
-from tests.procs import alive, run_processes
+from tests.procs import alive, run_processes, run_tokens
 
 def ledger_counts(ledger: Path) -> tuple[Counter, Counter]:
     lines = ledger.read_text().split() if ledger.exists() else []
@@ -112,7 +112,7 @@ def test_kill_9_at_several_points_loses_nothing_and_runs_nothing_twice(setup_run
         engine.send_signal(signal.SIGKILL)
         engine.wait()
         time.sleep(0.3)
-        leftovers = run_processes()
+        leftovers = run_processes(run_tokens(run_dir))  # of the evaluations the dead engine had in flight
         seen_leftovers += leftovers
         # The variant itself dies with the engine (PDEATHSIG); its setsid daemon may not, until resume.
         engine = _evo("resume", str(run_dir))
@@ -132,7 +132,7 @@ def test_kill_9_at_several_points_loses_nothing_and_runs_nothing_twice(setup_run
     assert len(guard_runs) == state["counters"]["guard_runs"] >= 2
     assert set(ends.values()) == {1}, f"an evaluation finished twice: {ends}"
     assert state["guard"]["queue"] == []
-    assert not run_processes()
+    assert not run_processes(run_tokens(run_dir))
 
 
 @pytest.mark.slow
@@ -141,11 +141,12 @@ def test_ctrl_c_stops_cleanly_and_resume_finishes(setup_run):
     engine = _evo("run", str(config_path))
     _wait_for_evaluations(run_dir, 1)
     time.sleep(1.5)  # the second evaluation is sleeping
-    assert run_processes()
+    tokens = run_tokens(run_dir)  # recorded in the checkpoint before it started
+    assert run_processes(tokens)
     engine.send_signal(signal.SIGINT)
     output, _ = engine.communicate(timeout=60)
     assert engine.returncode == 130 and "evo resume" in output
-    assert not run_processes()
+    assert not run_processes(tokens | run_tokens(run_dir))
     individuals, _ = RunStore(run_dir).load()
     assert [i.status for i in individuals].count("pending") == 1
     resumed = _evo("resume", str(run_dir))

@@ -180,7 +180,7 @@ def test_over_budget_kills_the_whole_family(small_data, tmp_path, mode):
     result = holder["r"]
     assert result.status == "over_budget" and "budget + allowance" in result.reason
     assert _wait_for(lambda: not marked_processes(marker), 5)
-    assert not run_processes()
+    assert not run_processes([result.run_token])
 
 
 def test_a_daemon_with_a_clean_environment_dies_with_the_sandbox(small_data, tmp_path, sandboxed):
@@ -195,7 +195,7 @@ def test_leftovers_die_even_when_the_variant_exits_cleanly_unsandboxed(small_dat
     result = run_variant(_family_code(marker, 0.5, clean_env=False), settings(small_data, sandbox="none"))
     assert result.status == "no_metrics"
     assert _wait_for(lambda: not marked_processes(marker), 5)
-    assert not run_processes()
+    assert not run_processes([result.run_token])
 
 
 @pytest.mark.parametrize("mode", ["auto", "none"])

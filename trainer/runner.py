@@ -212,7 +212,7 @@ def run_variant(code: str, settings: RunSettings, run_dir: str | Path | None = N
 
     refusal = precheck(code)
     if refusal is not None:
-        (run_dir / "log.txt").write_text(f"refused before running: {refusal.reason}\n")
+        _write_text(run_dir / "log.txt", f"refused before running: {refusal.reason}\n")
         return _finish(run_dir, RunResult(status=refusal.status, reason=refusal.reason, **stamp))
 
     sandboxed = use_sandbox(settings.sandbox)
