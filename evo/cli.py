@@ -50,9 +50,9 @@ def _finish_run(engine, how: str) -> int:
     try:
         with Display() as display:
             # `evo run ... | head`: once the reader is gone, the run stops as after Ctrl-C.
-            engine.log, engine.on_tick = output.guarded(display.log, on_close=engine.cancel.set), display.update
+            engine.log, engine.on_tick = output.guarded(display.log, on_close=lambda: engine.stop("the output was closed")), display.update
             if output.closed:  # already while the run was being set up
-                engine.cancel.set()
+                engine.stop("the output was closed")
             reason = engine.run()
     except KeyboardInterrupt:
         output.print(f"\ninterrupted: running variants killed, checkpoint written. Continue with: evo resume {run_dir}")

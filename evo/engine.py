@@ -66,6 +66,12 @@ class Engine:
         self._in_flight: dict[Future, Job] = {}
         self._guard_runs: dict[str, GuardRun] = {}  # job token -> the guard's run
         self._lost: list[Job] = []  # jobs whose machine went away: first in line again
+        self._stop_asked: str | None = None
+
+    def stop(self, why: str) -> None:
+        """Ask the run to stop as soon as it can (thread-safe): a hard stop, everything stays queued."""
+        self._stop_asked = why
+        self.cancel.set()
 
     # ---- the run's memory (the recorder's) ----
     @property
@@ -98,6 +104,8 @@ class Engine:
     def stop_reason(self) -> tuple[str, bool] | None:
         """(why, hard) once the run should stop; a hard stop cancels what is in flight."""
         s = self.config.stopping
+        if self._stop_asked is not None:
+            return f"stopped: {self._stop_asked}", True
         if s.max_hours is not None and self.elapsed_seconds() >= s.max_hours * 3600:
             return f"max_hours ({s.max_hours:g}) reached; evaluations in flight were stopped and stay queued", True
         outage = self.breeder.outage_reason()
