@@ -92,6 +92,8 @@ class CrossoverSettings(Section):
 
 class OptunaSettings(Section):
     sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="Optuna sampler")
+    storage: str | None = Field(None, description="null: a journal file in the run directory; an RDB URL "
+                                "(postgresql://user:pass@host/db) shared by several drivers, whose studies then learn together")
 
 
 class LLMSettings(Section):

@@ -5,7 +5,8 @@ on one structure at a time. The study's search space is fixed when the study is 
 the domains of the first parent with that skeleton, and that parent enters as a finished trial.
 ask() gives a child; the engine reports each child's val_bpb back (a failure is told as failed,
 a duplicate that was never run as pruned). The storage is a journal file in the run directory,
-so a resumed run continues every study where it stopped.
+so a resumed run continues every study where it stopped; or an RDB URL (PostgreSQL, say) that
+several drivers share, so their samplers learn from each other's trials.
 """
 
 from __future__ import annotations
@@ -89,11 +90,13 @@ class OptunaProposals:
     name = "optuna"
     parents_needed = 1
 
-    def __init__(self, storage_path: str | Path, sampler: str = "tpe", seed: int = 0):
+    def __init__(self, storage: str | Path, sampler: str = "tpe", seed: int = 0):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
-        backend = optuna.storages.journal.JournalFileBackend(str(storage_path))
-        self.storage = optuna.storages.JournalStorage(backend)
+        if "://" in str(storage):  # an RDB URL: postgresql://..., mysql://..., sqlite:///...
+            self.storage = optuna.storages.RDBStorage(str(storage))
+        else:
+            self.storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage)))
         self.sampler_name = sampler
         self.seed = seed
 

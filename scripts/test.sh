@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The tests also cover the Ray executor on a local two-node cluster: install the extra (CPU only).
+.venv/bin/python -m pip --quiet --disable-pip-version-check install -e ".[dev,ray]"
 if [ "${1:-}" = "--all" ]; then
   shift
   exec .venv/bin/python -m pytest "$@"

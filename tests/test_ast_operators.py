@@ -180,3 +180,18 @@ def test_optuna_learns_per_skeleton_and_survives_a_restart(tmp_path):
     other_skeleton = SAMPLE.replace("return x * DEPTH", "return x + DEPTH")
     different = reopened.propose([Parent("q", other_skeleton, 2.2)], random.Random(0))
     assert different.details["study"] != first.details["study"]
+
+
+def test_two_drivers_on_one_rdb_storage_share_their_studies(tmp_path):
+    """Several drivers point mutators.optuna.storage at one database (PostgreSQL in production;
+    SQLite here, the same RDB storage code): each sees the trials the other told."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    driver_a, driver_b = OptunaProposals(url, seed=0), OptunaProposals(url, seed=1)
+    parent = Parent("p", SAMPLE, 2.0)
+    first = driver_a.propose([parent], random.Random(0))
+    driver_a.feedback(first.details, 1.8, evaluated=True)
+    second = driver_b.propose([parent], random.Random(0))
+    assert second.details["study"] == first.details["study"] and second.details["trial"] == 2
+    driver_b.feedback(second.details, 1.7, evaluated=True)
+    values = [value for _, _, state, value in driver_a.trials() if state == "COMPLETE"]
+    assert values == [2.0, 1.8, 1.7]
