@@ -18,7 +18,10 @@ from evo.population import normalized_hash
 from evo.report import export, status_text
 from evo.runs import resume_run, start_run
 from evo.store import RunStore, StoreError
+from evo.executors.fake import FakeExecutor
+from tests.fakes import by_quality, engine_with, quality
 from tests.procs import alive, run_processes, run_tokens
+from trainer.runner import RunResult
 
 def ledger_counts(ledger: Path) -> tuple[Counter, Counter]:
     lines = ledger.read_text().split() if ledger.exists() else []
@@ -55,14 +58,17 @@ def test_a_run_evaluates_checkpoints_and_exports(setup_run, tmp_path):
 
 
 def test_failing_variants_are_data_and_never_parents(setup_run):
-    # Every child of the seed crashes once its QUALITY changes; the run must go on regardless.
-    extra = "\nif QUALITY != 0.5:\n    raise RuntimeError('deliberate failure')\n"
-    config_path, run_dir, _ = setup_run(max_evaluations=4, extra_code=extra, evaluation={"sandbox": "auto"})
-    engine = start_run(load_config(config_path), config_path, log=lambda line: None)
-    engine.run()
+    # Every child whose QUALITY moved up crashes; the run must go on regardless.
+    def crashes_upwards(job):
+        if quality(job.code) > 0.5:
+            return RunResult("crash", "RuntimeError")
+        return by_quality(job)
+
+    engine, run_dir = engine_with(setup_run, FakeExecutor(crashes_upwards), max_evaluations=16)
+    assert "max_evaluations (16)" in engine.run()
     individuals, _ = RunStore(run_dir).load()
     failed = {i.id for i in individuals if i.status != "ok"}
-    assert all(i.status in ("ok", "crash") for i in individuals)
+    assert failed and len(individuals) == 16
     assert not any(set(i.parents) & failed for i in individuals)
 
 
@@ -215,9 +221,11 @@ def test_resume_refuses_other_data_or_a_changed_prepare(setup_run):
 
 
 def test_resume_with_a_higher_limit_extends_a_finished_run(setup_run):
-    config_path, run_dir, ledger = setup_run(max_evaluations=2)
-    start_run(load_config(config_path), config_path, log=lambda line: None).run()
-    resume_run(run_dir, ["stopping.max_evaluations=4"], log=lambda line: None).run()
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), max_evaluations=2)
+    engine.run()
+    resumed = resume_run(run_dir, ["stopping.max_evaluations=4"], log=lambda line: None)
+    resumed.executor = FakeExecutor(by_quality)
+    resumed.run()
     individuals, state = RunStore(run_dir).load()
     assert state["counters"]["evaluations"] == 4 and len(individuals) == 4
 
@@ -229,10 +237,9 @@ def test_llm_operator_in_a_run_records_tokens_and_status_totals(setup_run, tmp_p
     edits = [("reply", f"HYPOTHESIS: quality {q}\n<<<<<<< SEARCH\nSLEEP = 0.2\n=======\nSLEEP = 0.2\nQUALITY = {q}\n>>>>>>> REPLACE\n")
              for q in (0.6, 0.7, 0.8)]
     with ScriptedServer(edits, default=("reply", "no idea")) as server:
-        config_path, run_dir, _ = setup_run(
-            max_evaluations=4, operators={"llm": 1.0},
+        engine, run_dir = engine_with(
+            setup_run, FakeExecutor(by_quality), max_evaluations=4, operators={"llm": 1.0},
             mutators={"llm": {"base_url": server.base_url, "models": {"m1": 1.0}, "retries": 0, "timeout": 5}})
-        engine = start_run(load_config(config_path), config_path, log=lambda line: None)
         engine.run()
         prompts = server.prompts()
     individuals, state = RunStore(run_dir).load()

@@ -12,6 +12,8 @@ from evo.report import export, status_text
 from evo.runs import start_run
 from evo.stats import t_cdf, welch_less
 from evo.store import RunStore
+from evo.executors.fake import FakeExecutor
+from tests.fakes import by_quality, engine_with
 from tests.llm_server import ScriptedServer
 
 
@@ -83,13 +85,11 @@ def test_guard_state_roundtrip_puts_running_jobs_back_in_the_queue():
 
 
 def test_a_run_with_the_guard_promotes_a_real_gain_with_honest_numbers(setup_run, tmp_path):
-    config_path, run_dir, ledger = setup_run(
-        max_evaluations=6, guard={"enabled": True, "noise_runs": 3, "reruns": 3, "z": 2.0, "min_delta": 0.001},
+    # QUALITY is the only constant that matters; seed noise gives the re-runs a real spread.
+    engine, run_dir = engine_with(
+        setup_run, FakeExecutor(lambda job: by_quality(job, noise=0.01), slots=2), max_evaluations=10, workers=2,
+        guard={"enabled": True, "noise_runs": 3, "reruns": 3, "z": 2.0, "min_delta": 0.001},
         mutators={"perturb": {"max_changes": 1}})
-    # QUALITY is the only constant that matters; jitter gives the seed runs a real spread.
-    seed_path = tmp_path / "seed.py"
-    seed_path.write_text(seed_path.read_text().replace("NOISE = 0.0", "NOISE = 0.01").replace("SLEEP = 0.2", "SLEEP = 0.2  # evo: fixed"))
-    engine = start_run(load_config(config_path), config_path, log=lambda line: None)
     engine.run()
     individuals, state = RunStore(run_dir).load()
     guard = state["guard"]
@@ -99,6 +99,7 @@ def test_a_run_with_the_guard_promotes_a_real_gain_with_honest_numbers(setup_run
     text = status_text(run_dir)
     assert "noise floor: sigma" in text and "held-out" in text
     champion = guard["champions"][-1]
+    assert len(guard["champions"]) >= 2  # a QUALITY step is worth far more than the noise
     out = export(run_dir, tmp_path / "out")
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["id"] == champion and meta["guard"]["n"] == 3
@@ -114,17 +115,15 @@ def test_no_prompt_ever_sees_a_guard_score(setup_run, tmp_path):
     edits = [("reply", f"HYPOTHESIS: quality {q}\n<<<<<<< SEARCH\nSLEEP = 0.2\n=======\nSLEEP = 0.2\nQUALITY = {q}\n>>>>>>> REPLACE\n")
              for q in (0.9, 0.95, 0.6, 0.7, 0.8)]
     with ScriptedServer(edits, default=("reply", "nothing")) as server:
-        config_path, run_dir, _ = setup_run(
-            max_evaluations=5, operators={"llm": 1.0},
+        engine, run_dir = engine_with(
+            setup_run, FakeExecutor(lambda job: by_quality(job, noise=0.01)), max_evaluations=5, operators={"llm": 1.0},
             guard={"enabled": True, "noise_runs": 2, "reruns": 2, "z": 0.0, "min_delta": 0.0},
             mutators={"llm": {"base_url": server.base_url, "retries": 0, "timeout": 5, "failures": 5, "ideas": 50, "relatives": 5}})
-        seed_path = tmp_path / "seed.py"
-        seed_path.write_text(seed_path.read_text().replace("NOISE = 0.0", "NOISE = 0.01"))
-        start_run(load_config(config_path), config_path, log=lambda line: None).run()
+        engine.run()
         prompts = "\n".join(server.prompts())
     _, state = RunStore(run_dir).load()
     held = [s["heldout_bpb"] for r in state["guard"]["records"].values() for s in r["samples"] if s["heldout_bpb"]]
-    assert len(held) >= 4 and len(server.requests) >= 4
+    assert len(held) >= 4 and len(server.requests) >= 4, (state["guard"], [(i.id, i.status, i.val_bpb) for i in _])
     for value in held:
         for text in (repr(value), f"{value:.6f}", f"{value:.4f}", f"{value:.3f}"):
             assert text not in prompts

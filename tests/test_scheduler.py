@@ -9,22 +9,13 @@ import time
 
 import pytest
 
-from evo.config import load_config
 from evo.executors.fake import FakeExecutor, ok
 from evo.jobs import CHILD, JobLost
-from evo.runs import resume_run, start_run
+from evo.runs import resume_run
 from evo.store import RunStore
 from mutators.base import Proposal, Refusal
+from tests.fakes import by_quality, engine_with, quality
 from trainer.runner import RunResult
-
-
-def quality(code: str) -> float:
-    return float(re.search(r"^QUALITY = ([\d.e+-]+)", code, re.MULTILINE).group(1))
-
-
-def by_quality(job) -> RunResult:
-    """The stand-in's score without running it: best at QUALITY 1.0."""
-    return ok(2.0 + abs(1.0 - quality(job.code)))
 
 
 class StepQuality:
@@ -52,19 +43,6 @@ class StepQuality:
             raise ValueError("a bug in the operator")
         code = re.sub(r"^QUALITY = .*$", f"QUALITY = {0.5 + n * 1e-3}", parents[0].code, flags=re.MULTILINE)
         return Proposal(code, self.name, {}, f"quality step {n}")
-
-
-def engine_with(setup_run, executor, ops=None, **sections):
-    """A new run of the stand-in on the fake executor; `ops` replaces the configured operators."""
-    config_path, run_dir, _ = setup_run(**sections)
-    config = load_config(config_path)
-    engine = start_run(config, config_path, log=lambda line: None)
-    engine.executor = executor
-    if ops is not None:
-        from evo.engine import Engine
-
-        engine = Engine(config, engine.store, log=lambda line: None, executor=executor, operators=ops)
-    return engine, run_dir
 
 
 def test_a_fake_run_of_many_evaluations_takes_no_processes_and_keeps_every_slot_busy(setup_run):
