@@ -74,8 +74,26 @@ class Timeline:
     def busy(self, slots: int, start_index: int = 0) -> float:
         """Slot-seconds held over slots x wall, from the start_index-th submit to the last finish."""
         spans = sorted(self.spans)[start_index:]
-        t0, t1 = spans[0][0], max(end for _, end in spans)
-        held = sum(min(end, t1) - max(start, t0) for start, end in spans)
+        return self._held(spans[0][0], max(end for _, end in spans), slots)
+
+    def steady(self, slots: int) -> tuple[float, float]:
+        """(busy fraction, jobs per second) between the moment every slot first held a job and
+        the last submit: a run's ramp-up (only the seed can run at first) and drain left out."""
+        events = sorted([(start, 1) for start, _ in self.spans] + [(end, -1) for _, end in self.spans])
+        active, t_full = 0, None
+        for t, step in events:
+            active += step
+            if active >= slots:
+                t_full = t
+                break
+        t_last = max(start for start, _ in self.spans)
+        if t_full is None or t_last <= t_full:
+            return float("nan"), float("nan")
+        finished = sum(t_full <= end <= t_last for _, end in self.spans)
+        return self._held(t_full, t_last, slots), finished / (t_last - t_full)
+
+    def _held(self, t0: float, t1: float, slots: int) -> float:
+        held = sum(max(0.0, min(end, t1) - max(start, t0)) for start, end in self.spans)
         return held / (slots * (t1 - t0))
 
 
@@ -181,8 +199,10 @@ def simulated_run(workers: int, evaluations: int, tmp: str) -> dict:
     engine.run()
     wall = time.monotonic() - started
     jobs = len(timeline.spans)
+    steady_busy, steady_rate = timeline.steady(workers)
     return {"jobs": jobs, "children": engine.counters.evaluations, "guard": engine.counters.guard_runs,
-            "per_hour": jobs / wall * 3600 * ARGS.scale, "busy": timeline.busy(workers)}
+            "per_hour": jobs / wall * 3600 * ARGS.scale, "busy": timeline.busy(workers),
+            "steady_busy": steady_busy, "steady_per_hour": steady_rate * 3600 * ARGS.scale}
 
 
 def bench_simulated() -> None:
@@ -192,15 +212,15 @@ def bench_simulated() -> None:
         ray.init(num_cpus=max(ARGS.workers), log_to_driver=False, logging_level="error", include_dashboard=False)
     where = "Ray tasks on a local cluster" if ARGS.ray else "the fake executor"
     print(f"simulated 5-minute runs scaled x{ARGS.scale:g} ({330 * ARGS.scale:.2f} s each), {where}, guard on")
-    print(f"{'W':>3} {'jobs':>5} {'children':>9} {'guard':>6} {'runs/h (unscaled)':>18} {'busy':>6} {'speed-up':>9}")
+    print("whole run (ramp-up with only the seed running, and the drain at the end, included) | steady state")
+    print(f"{'W':>3} {'jobs':>5} {'children':>9} {'guard':>6} {'runs/h':>8} {'busy':>6} {'speed-up':>9} | "
+          f"{'runs/h':>8} {'busy':>6} {'speed-up':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         base = simulated_run(1, ARGS.rounds, tmp)
-        print(f"{1:>3} {base['jobs']:>5} {base['children']:>9} {base['guard']:>6} {base['per_hour']:>18.1f} "
-              f"{base['busy']:>6.3f} {1.0:>9.2f}", flush=True)
-        for w in ARGS.workers:
-            row = simulated_run(w, w * ARGS.rounds, tmp)
-            print(f"{w:>3} {row['jobs']:>5} {row['children']:>9} {row['guard']:>6} {row['per_hour']:>18.1f} "
-                  f"{row['busy']:>6.3f} {row['per_hour'] / base['per_hour']:>9.2f}", flush=True)
+        for w, row in [(1, base)] + [(w, simulated_run(w, w * ARGS.rounds, tmp)) for w in ARGS.workers]:
+            print(f"{w:>3} {row['jobs']:>5} {row['children']:>9} {row['guard']:>6} {row['per_hour']:>8.1f} "
+                  f"{row['busy']:>6.3f} {row['per_hour'] / base['per_hour']:>9.2f} | {row['steady_per_hour']:>8.1f} "
+                  f"{row['steady_busy']:>6.3f} {row['steady_per_hour'] / base['steady_per_hour']:>9.2f}", flush=True)
     if ARGS.ray:
         import ray
 
@@ -280,6 +300,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=prepare.DATA_DIR)
     ARGS = parser.parse_args()
     ARGS.workers = ARGS.workers or ([16] if ARGS.part == "simulated" else [1, 2, 4, 8])
+    if ARGS.part == "simulated" and ARGS.rounds < 8:
+        parser.error("--rounds: at least 8, or the steady state is too short to measure")
     prepare.verify(ARGS.data_dir)
     {"executors": bench_executors, "simulated": bench_simulated, "llm": bench_llm}[ARGS.part]()
 

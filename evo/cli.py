@@ -244,13 +244,15 @@ def _main(argv: list[str] | None) -> int:
         return _cmd_prepare(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
     from evo.config import ConfigError
+    from evo.executors import ExecutorUnavailable
     from evo.lock import RunLocked
     from evo.store import StoreError
     from trainer.runner import EvaluationUntrusted, EvaluatorFailed, SandboxUnavailable
 
     try:
         return args.handler(args, [])
-    except (ConfigError, StoreError, RunLocked, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted, EvaluatorFailed) as e:
+    except (ConfigError, StoreError, RunLocked, prepare.PrepareError, SandboxUnavailable, EvaluationUntrusted,
+            EvaluatorFailed, ExecutorUnavailable) as e:
         print(f"evo {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import replace
 from typing import Callable
 
 import prepare
@@ -30,7 +29,7 @@ from evo.guard import Guard, GuardRun
 from evo.jobs import CHILD, Job, JobLost
 from evo.population import Individual
 from evo.progress import Snapshot, clock
-from evo.recorder import Counters, Recorder  # noqa: F401 - Counters is part of the engine's public face
+from evo.recorder import Counters, Recorder
 from evo.store import RunStore
 from mutators import registry
 from trainer.runner import (EvaluationUntrusted, EvaluatorFailed, RunCancelled, RunResult, RunSettings,
@@ -99,16 +98,18 @@ class Engine:
 
     # ---- stopping ----
     def _children_started(self) -> int:
-        return self.counters.evaluations + sum(job.kind == CHILD for job in self._in_flight.values())
+        running = list(self._in_flight.values()) + self._lost
+        return self.counters.evaluations + sum(job.kind == CHILD for job in running)
 
-    def stop_reason(self) -> tuple[str, bool] | None:
-        """(why, hard) once the run should stop; a hard stop cancels what is in flight."""
+    def stop_reason(self, breeding: bool = True) -> tuple[str, bool] | None:
+        """(why, hard) once the run should stop; a hard stop cancels what is in flight. An LLM
+        outage matters only while children are still being bred."""
         s = self.config.stopping
         if self._stop_asked is not None:
             return f"stopped: {self._stop_asked}", True
         if s.max_hours is not None and self.elapsed_seconds() >= s.max_hours * 3600:
             return f"max_hours ({s.max_hours:g}) reached; evaluations in flight were stopped and stay queued", True
-        outage = self.breeder.outage_reason()
+        outage = self.breeder.outage_reason() if breeding else None
         if outage:
             return outage, True
         if s.max_evaluations is not None and self._children_started() >= s.max_evaluations:
@@ -122,7 +123,7 @@ class Engine:
         """Nothing runs, nothing is queued or breeding: say why, in words a person can act on."""
         if self._in_flight or self._queued() or self.breeder.in_flight() or self.guard.queue or self._lost:
             return None
-        seed = next((i for i in self.population.individuals.values() if i.operator == "seed"), None)
+        seed = next((i for i in list(self.population.individuals.values()) if i.operator == "seed"), None)
         if seed is not None and not seed.evaluated_ok and self.population.best() is None:
             return (f"the seed {seed.id} failed ({seed.status}: {seed.reason}); nothing can be bred from it. "
                     f"See {self.store.variant_dir(seed.id) / 'log.txt'}")
@@ -184,16 +185,15 @@ class Engine:
         )
 
     def _more_children_wanted(self) -> int:
-        """Breeding tasks to start now. While fewer than a few children per slot are queued, breed
-        at the breeder's full concurrency (the LLM's request cap): a slow LLM then still keeps
-        up with fast evaluations. Never more than the evaluations left."""
-        queued = len(self._queued())
-        if queued >= READY_PER_SLOT * self.executor.capacity():
-            return 0
-        more = self.breeder.threads
+        """Breeding tasks to start now: up to a few children per slot queued, plus as many
+        proposals in flight as the breeder has threads (the LLM's request cap). A slow LLM then
+        still keeps pace with fast evaluations, since requests overlap; never more than the
+        evaluations left."""
+        coming = len(self._queued()) + self.breeder.in_flight()
+        more = READY_PER_SLOT * self.executor.capacity() + self.breeder.threads - coming
         limit = self.config.stopping.max_evaluations
         if limit is not None:
-            more = min(more, limit - self._children_started() - queued - self.breeder.in_flight())
+            more = min(more, limit - self._children_started() - coming)
         return max(0, more)
 
     # ---- the loop ----
@@ -212,16 +212,17 @@ class Engine:
 
     def run(self) -> str:
         self._start()
-        reason = None
+        reason = None  # a soft stop: no more children, but what runs and the queued guard re-runs finish
         try:
             while True:
-                if reason is None:
-                    stop = self.stop_reason()
-                    if stop is not None:
-                        reason, hard = stop
-                        if hard:
-                            self._stop_everything(reason)
-                            break
+                stop = self.stop_reason(breeding=reason is None)  # hard stops count even while draining
+                if stop is not None:
+                    why, hard = stop
+                    if hard:
+                        reason = why
+                        self._stop_everything(why)
+                        break
+                    reason = reason or why
                 self._fill(children_allowed=reason is None)
                 stuck = self.breeder.fruitless >= FRUITLESS_BREEDS and not self._in_flight
                 if reason is None and self.population.best() is not None and not stuck:
@@ -239,12 +240,16 @@ class Engine:
                     time.sleep(0.5)  # e.g. every operator waits out an LLM outage
                     done = set()
                 self.breeder.collect()
-                for future in done & set(self._in_flight):
-                    error = self._collect(future, self._in_flight.pop(future))
-                    if error is not None and reason is None:
-                        reason = error
-                        self._stop_everything(reason)
-                if reason is not None and reason.startswith("stopped"):
+                error = None
+                for future in done:
+                    job = self._in_flight.pop(future, None)
+                    if job is not None:
+                        error = self._collect(future, job)
+                        if error is not None:  # not the variant's fault: a hard stop, whatever else holds
+                            break
+                if error is not None:
+                    reason = error
+                    self._stop_everything(error)
                     break
         except KeyboardInterrupt:
             reason = "interrupted"
@@ -297,13 +302,16 @@ class Engine:
     def _put_back(self, job: Job) -> None:
         """A cancelled job: a child stays pending, a guard run goes back to the front of the queue."""
         if job.kind != CHILD:
-            run = self._guard_runs.pop(job.token, None)
-            if run is not None:
-                self.guard.put_back(run)
+            with self.recorder.lock:  # a breeder's checkpoint must never see it in neither list
+                run = self._guard_runs.pop(job.token, None)
+                if run is not None:
+                    self.guard.put_back(run)
 
     def _lost_job(self, job: Job, why: str) -> str | None:
         """The machine went away: run it again elsewhere; only a job that keeps killing machines is given up."""
-        self.counters.lost_jobs += 1
+        with self.recorder.lock:
+            self.counters.lost_jobs += 1
+            self.recorder.changed()
         job.attempts += 1
         if job.attempts <= LOST_JOB_RETRIES:
             self.log(f"{job.key}: its machine was lost ({why}); re-queued (attempt {job.attempts + 1})")

@@ -79,7 +79,7 @@ class Population:
 
     def members(self, island: int) -> list[Individual]:
         """The island's best evaluated individuals, best first."""
-        ids = {i.id for i in self.individuals.values() if i.island == island} | set(self.migrants[island])
+        ids = {i.id for i in self._all() if i.island == island} | set(self.migrants[island])
         ok = [self.individuals[i] for i in ids if self.individuals[i].evaluated_ok]
         ok.sort(key=lambda i: (i.val_bpb, i.birth))
         return ok[: self.size]
@@ -94,7 +94,7 @@ class Population:
         return min(drawn, key=lambda i: (i.val_bpb, i.birth))
 
     def ranked(self) -> list[Individual]:
-        ok = [i for i in self.individuals.values() if i.evaluated_ok]
+        ok = [i for i in self._all() if i.evaluated_ok]
         return sorted(ok, key=lambda i: (i.val_bpb, i.birth))
 
     def best(self) -> Individual | None:
@@ -115,7 +115,12 @@ class Population:
         return moves
 
     def pending(self) -> list[Individual]:
-        return [i for i in self.individuals.values() if i.status == PENDING]
+        return [i for i in self._all() if i.status == PENDING]
+
+    def _all(self) -> list[Individual]:
+        """A snapshot of the individuals: breeder threads may add one while the scheduler reads
+        (list() of a dict's values is one step under the GIL; iterating the live dict is not)."""
+        return list(self.individuals.values())
 
     def lineage(self, individual_id: str) -> list[Individual]:
         """The individual, its first parent, that parent's first parent, ... back to the seed."""

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from evo.config import load_config
-from evo.engine import Counters
+from evo.recorder import Counters
 from evo.guard import Guard
 from evo.population import Population
 from evo.progress import clock
@@ -81,7 +81,8 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
     lines = [
         f"run: {store.dir}",
         f"evaluations: {counters.evaluations}   births: {counters.births}   duplicates skipped: {counters.duplicates}   "
-        f"time used: {clock(counters.elapsed_seconds)}   guard re-runs: {counters.guard_runs}   data: {info['data_fingerprint']}",
+        f"time used: {clock(counters.elapsed_seconds)}   guard re-runs: {counters.guard_runs}   data: {info['data_fingerprint']}"
+        + (f"   jobs re-queued after losing their machine: {counters.lost_jobs}" if counters.lost_jobs else ""),
         "",
         *champion_lines(population, guard),
         "",

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from evo.config import GuardSection, load_config
+from evo.config import GuardSection
 from evo.guard import Guard
 from evo.report import export, status_text
-from evo.runs import start_run
 from evo.stats import t_cdf, welch_less
 from evo.store import RunStore
 from evo.executors.fake import FakeExecutor

@@ -86,3 +86,15 @@ def test_a_node_with_other_data_stops_the_run_naming_the_node(ray_cluster, setup
     assert "is not the run's" in reason and str(other) in reason
     individuals, _ = RunStore(run_dir).load()
     assert [i.status for i in individuals] == ["pending"]  # nothing lost: resume runs it once fixed
+
+
+@pytest.mark.slow
+def test_a_job_no_node_can_hold_is_refused_with_what_the_largest_node_has(ray_cluster, setup_run):
+    from evo.executors import ExecutorUnavailable
+
+    cluster, _ = ray_cluster
+    config_path, run_dir, _ = setup_run(
+        max_evaluations=2, executor={"kind": "ray", "address": cluster.address, "gpus_per_job": 1, "cpus_per_job": 1})
+    engine = start_run(load_config(config_path), config_path, log=lambda line: None)
+    with pytest.raises(ExecutorUnavailable, match="no node of the Ray cluster can hold one job .1 GPU, 1 CPU.; the largest has 0 GPU"):
+        engine.run()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 
@@ -15,7 +16,7 @@ from evo.runs import resume_run
 from evo.store import RunStore
 from mutators.base import Proposal, Refusal
 from tests.fakes import by_quality, engine_with, quality
-from trainer.runner import RunResult
+from trainer.runner import EvaluatorFailed, RunResult
 
 
 class StepQuality:
@@ -238,3 +239,84 @@ def test_a_real_llm_server_that_is_down_pauses_the_llm_while_perturb_goes_on(set
     assert any("llm: LLM server unreachable" in line for line in lines), (lines, state["counters"]["refusals"])
     refusals = state["counters"]["refusals"]["llm"]
     assert 1 <= sum(refusals.values()) <= 3 and all("connection failed" in r for r in refusals)  # backed off
+
+
+GUARD = {"enabled": True, "noise_runs": 2, "reruns": 2, "z": 0.0, "min_delta": 0.0}
+
+
+def _slow_guard_runs(job) -> float:
+    return 0.0 if job.kind == CHILD else 30.0
+
+
+def _run_in_thread(engine) -> tuple[threading.Thread, dict]:
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("reason", engine.run()), daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("how", ["Engine.stop", "max_hours"])
+def test_a_hard_stop_still_stops_a_run_draining_guard_re_runs_after_a_soft_stop(setup_run, how):
+    # max_evaluations=1 is reached at once; the seed's noise runs (30 s each) are left to drain.
+    executor = FakeExecutor(by_quality, seconds=_slow_guard_runs)
+    engine, run_dir = engine_with(setup_run, executor, max_evaluations=1, guard=GUARD)
+    if how == "max_hours":
+        engine.config.stopping.max_hours = 2 / 3600
+    thread, outcome = _run_in_thread(engine)
+    time.sleep(1.0)
+    if how == "Engine.stop":
+        engine.stop("the output was closed")
+    thread.join(timeout=20)
+    alive = thread.is_alive()
+    executor.close()
+    assert not alive, f"{how} was ignored while guard re-runs drained"
+    assert executor.cancelled  # the noise run in flight was killed, not waited for
+    _, state = RunStore(run_dir).load()
+    assert len(state["guard"]["queue"]) == 2  # both noise runs stay queued for resume
+
+
+def test_a_setup_failure_while_draining_guard_re_runs_stops_the_run_with_its_reason(setup_run):
+    def evaluator_dies_on_guard_runs(job):
+        if job.kind != CHILD:
+            raise EvaluatorFailed("the evaluator could not start")
+        return by_quality(job)
+
+    executor = FakeExecutor(evaluator_dies_on_guard_runs, seconds=lambda job: 0.0 if job.kind == CHILD else 0.01)
+    engine, run_dir = engine_with(setup_run, executor, max_evaluations=1, guard=GUARD)
+    thread, outcome = _run_in_thread(engine)
+    thread.join(timeout=20)
+    assert not thread.is_alive() and len(executor.jobs) <= 3, f"resubmitted {len(executor.jobs)} times"
+    assert outcome["reason"].startswith("stopped, nothing more can be evaluated") and "could not start" in outcome["reason"]
+    _, state = RunStore(run_dir).load()
+    assert len(state["guard"]["queue"]) == 2
+
+
+def test_a_setup_failure_arriving_with_another_result_stops_cleanly(setup_run):
+    # Two slots whose results land in the same wait(): one of them says the evaluator died.
+    class Together(FakeExecutor):
+        def __init__(self, score):
+            super().__init__(score, slots=2)
+            self.held = []
+
+        def submit(self, job):
+            if job.individual == "v00001":
+                return super().submit(job)
+            future = Future()
+            self.jobs.append(job)
+            self.held.append((job, future))
+            if len(self.held) == 2:
+                for held_job, held_future in self.held:
+                    self._finish(held_job, held_future, 0.0)
+                self.held = []
+            return future
+
+    def score(job):
+        if job.individual == "v00002":
+            raise EvaluatorFailed("the evaluator could not start")
+        return by_quality(job)
+
+    engine, run_dir = engine_with(setup_run, Together(score), max_evaluations=10, workers=2)
+    reason = engine.run()
+    assert reason.startswith("stopped, nothing more can be evaluated")
+    individuals, _ = RunStore(run_dir).load()
+    assert {i.id: i.status for i in individuals}["v00002"] == "pending"  # queued for resume

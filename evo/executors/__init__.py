@@ -17,6 +17,10 @@ from concurrent.futures import Future
 from evo.jobs import Job
 
 
+class ExecutorUnavailable(RuntimeError):
+    """The executor cannot start (Ray missing, no cluster, jobs no node can hold); the message says what to do."""
+
+
 class Executor(Protocol):
     def capacity(self) -> int:
         """Jobs it can run at once right now (the engine keeps this many in flight)."""

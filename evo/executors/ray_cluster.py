@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 import prepare
+from evo.executors import ExecutorUnavailable
 from evo.jobs import Job, JobLost, run_job
 from trainer.files import write_atomic
 from trainer.runner import EvaluationUntrusted, RunCancelled, RunResult
@@ -38,7 +39,7 @@ LOG_BYTES_BACK = 1 << 20  # the tail of a job's log that travels back to the run
 CAPACITY_REFRESH_SECONDS = 10.0
 
 
-class RayUnavailable(RuntimeError):
+class RayUnavailable(ExecutorUnavailable):
     """Ray is not installed or no cluster could be reached; the message says what to do."""
 
 
@@ -82,7 +83,23 @@ class RayExecutor:
         self._lock = threading.Lock()
         self._capacity, self._capacity_at = 0, 0.0
         self.log = log
+        try:
+            self._check_fits()
+        except RayUnavailable:
+            self.close()
+            raise
         self.log(f"ray: {self.describe()}")
+
+    def _check_fits(self) -> None:
+        """A job no single node can hold would wait at Ray forever, silently: refuse it now."""
+        e = self.config.executor
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        if nodes and not any(r.get("GPU", 0) >= e.gpus_per_job and r.get("CPU", 0) >= e.cpus_per_job for r in nodes):
+            largest = max(nodes, key=lambda r: (r.get("GPU", 0), r.get("CPU", 0)))
+            raise RayUnavailable(
+                f"no node of the Ray cluster can hold one job ({e.gpus_per_job:g} GPU, {e.cpus_per_job:g} CPU); the "
+                f"largest has {largest.get('GPU', 0):g} GPU, {largest.get('CPU', 0):g} CPU. Lower executor.gpus_per_job "
+                "or executor.cpus_per_job.")
 
     def describe(self) -> str:
         resources = self.ray.cluster_resources()
@@ -194,7 +211,9 @@ def _run_on_node(job: Job, setup: dict) -> dict:
         except EvaluationUntrusted as e:
             raise NodeSetupError(f"node {node}: {e}") from None
         result.worker = f"{node}" + (f" cuda:{gpu}" if gpu is not None else "")
-        return {"result": result.to_dict(), "log": _tail(folder / "log.txt"), "node": node}
+        smoke_failed = result.reason.startswith("smoke run:")
+        log = _tail(folder / "smoke" / "log.txt" if smoke_failed else folder / "log.txt")
+        return {"result": result.to_dict(), "log": log, "node": node}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
