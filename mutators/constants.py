@@ -25,6 +25,12 @@ import libcst as cst
 from mutators.base import Parent, Proposal, Refusal, checked
 
 _FRACTION_NAMES = re.compile(r"FRAC|BETA|MOMENTUM|DROPOUT|RATIO_OF|EMA")
+# A float that is 0.0 and has no fraction-like name: its domain is [0, ZERO_FLOAT_HIGH]; a move away
+# from zero lands log-uniformly in [ZERO_FLOAT_HIGH * 1e-3, ZERO_FLOAT_HIGH] (1e-4..1e-1).
+ZERO_FLOAT_HIGH = 0.1
+# A value this close to a zero lower bound (as a share of the domain's width) may step back to
+# exactly 0.0, with this probability per move: off stays reachable once it has been left.
+ZERO_RETURN_SHARE, ZERO_RETURN_P = 0.1, 0.2
 _MARK = re.compile(r"#\s*evo:\s*(fixed|choice|range)\s*(?:\((.*)\))?")
 
 
@@ -86,10 +92,12 @@ def infer_domain(name: str, value) -> Domain | None:
             return Domain("int", low=max(1, value // 3), high=value * 3)
         return None
     if isinstance(value, float):
-        if 0 < value < 1 and _FRACTION_NAMES.search(name):
+        if 0 <= value < 1 and _FRACTION_NAMES.search(name):
             return Domain("fraction", low=0.0, high=1.0)
         if value > 0 and math.isfinite(value):
             return Domain("float", low=value / 30, high=value * 30, log=True)
+        if value == 0:  # switched off (a weight decay, say): may become small positive, and back
+            return Domain("float", low=0.0, high=ZERO_FLOAT_HIGH)
     return None
 
 
@@ -180,6 +188,13 @@ def move_value(value, d: Domain, rng: random.Random):
     if d.kind in ("bool", "choice"):
         others = [c for c in d.choices if c != value]
         return rng.choice(others) if others else value
+    if d.low == 0 and d.kind in ("fraction", "float") and not d.log:
+        if value <= 0:  # leave zero: log-uniformly to a small positive value
+            high = 0.1 if d.kind == "fraction" or d.high is None else d.high
+            return round(10 ** rng.uniform(math.log10(high) - 3, math.log10(high)), 6)
+        width = (d.high if d.high is not None else 1.0) - d.low
+        if value <= ZERO_RETURN_SHARE * width and rng.random() < ZERO_RETURN_P:
+            return 0.0  # back to off
     if d.kind == "fraction":  # a step in logit space keeps it strictly inside (0, 1)
         logit = math.log(value / (1 - value)) + rng.choice((-1, 1)) * rng.uniform(0.3, 1.0)
         return round(1 / (1 + math.exp(-logit)), 4)
@@ -192,7 +207,7 @@ def move_value(value, d: Domain, rng: random.Random):
         return int(_clamp(new, d))
     factor = rng.choice((1.25, 1.5, 2.0))
     new = value * factor if rng.random() < 0.5 else value / factor
-    if not d.log and d.low is not None and d.high is not None and value == 0:
+    if not d.log and d.low is not None and d.high is not None and value == 0:  # a zero inside (low, high)
         new = rng.uniform(d.low, d.high)
     return float(_clamp(new, d))
 
