@@ -94,6 +94,7 @@ class OptunaSettings(Section):
     sampler: Literal["tpe", "random", "cmaes"] = Field("tpe", description="Optuna sampler")
     storage: str | None = Field(None, description="null: a journal file in the run directory; an RDB URL "
                                 "(postgresql://user:pass@host/db) shared by several drivers, whose studies then learn together")
+    max_changes: int = Field(3, ge=1, description="constants moved per child, at most; the rest stay at the parent's values")
 
 
 class LLMSettings(Section):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import threading
 from pathlib import Path
 
 import optuna
@@ -86,24 +87,67 @@ def _values_from(params: dict, constants: list[Constant]) -> dict[str, str]:
     return out
 
 
+ATTEMPTS = 3  # asks per proposal before giving up on a child that differs from its parent
+
+
+def _contains(dist: optuna.distributions.BaseDistribution, value) -> bool:
+    try:
+        return dist._contains(dist.to_internal_repr(value))
+    except (ValueError, TypeError):
+        return False
+
+
+def _derived_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big")
+
+
 class OptunaProposals:
+    """One study per skeleton, one sampler object per study (kept for the object's life).
+
+    A child moves only 1..max_changes of its parent's constants: the others enter the trial as
+    fixed parameters (an enqueued trial) at the parent's values, so the sampler learns from the
+    whole point while the child stays near its parent.
+    """
+
     name = "optuna"
     parents_needed = 1
 
-    def __init__(self, storage: str | Path, sampler: str = "tpe", seed: int = 0):
+    def __init__(self, storage: str | Path, sampler: str = "tpe", seed: int = 0, max_changes: int = 3):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose from {', '.join(SAMPLERS)}")
+        if max_changes < 1:
+            raise ValueError("max_changes must be at least 1")
         if "://" in str(storage):  # an RDB URL: postgresql://..., mysql://..., sqlite:///...
             self.storage = optuna.storages.RDBStorage(str(storage))
         else:
             self.storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(storage)))
         self.sampler_name = sampler
         self.seed = seed
+        self.max_changes = max_changes
+        self._studies: dict[str, optuna.Study] = {}  # study name -> study with its one sampler
+        self._lock = threading.Lock()  # enqueue + ask must pair up; breeding may run in threads
 
-    def _study(self, key: str, parent: Parent, constants: list[Constant]) -> optuna.Study:
-        name = f"skeleton-{key}"
-        study = optuna.create_study(study_name=name, storage=self.storage, load_if_exists=True,
-                                    sampler=SAMPLERS[self.sampler_name](self.seed), direction="minimize")
+    def _load(self, name: str, rng: random.Random | None) -> optuna.Study:
+        """The study and its sampler, built once. A study new to storage gets its sampler seed from
+        rng (the engine's), recorded in the study; a study that already exists (a resumed run,
+        another driver) rebuilds its sampler from that seed mixed with its trial count and this
+        driver's seed, so it does not replay the proposals already made."""
+        if name in self._studies:
+            return self._studies[name]
+        fresh = rng.getrandbits(32) if rng is not None else _derived_seed(self.seed, name)
+        probe = optuna.create_study(study_name=name, storage=self.storage, load_if_exists=True,
+                                    direction="minimize", sampler=optuna.samplers.RandomSampler(0))
+        if "sampler_seed" not in probe.user_attrs:
+            probe.set_user_attr("sampler_seed", fresh)
+            seed = fresh
+        else:
+            seed = _derived_seed(probe.user_attrs["sampler_seed"], len(probe.trials), self.seed)
+        study = optuna.load_study(study_name=name, storage=self.storage, sampler=SAMPLERS[self.sampler_name](seed))
+        self._studies[name] = study
+        return study
+
+    def _study(self, key: str, parent: Parent, constants: list[Constant], rng: random.Random) -> optuna.Study:
+        study = self._load(f"skeleton-{key}", rng)
         if "space" not in study.user_attrs:
             space = _space(constants)
             study.set_user_attr("space", {k: optuna.distributions.distribution_to_json(d) for k, d in space.items()})
@@ -124,33 +168,57 @@ class OptunaProposals:
         if not constants:
             return Refusal(self.name, "no module-level constants to tune")
         key = skeleton_hash(parent.code, constants)
-        study = self._study(key, parent, constants)
+        with self._lock:
+            return self._propose(parent, constants, key, rng)
+
+    def _propose(self, parent: Parent, constants: list[Constant], key: str, rng: random.Random) -> Proposal | Refusal:
+        study = self._study(key, parent, constants, rng)
         space = {k: optuna.distributions.json_to_distribution(v) for k, v in study.user_attrs["space"].items()}
-        if set(space) != set(_params_of(constants)):
+        current = _params_of(constants)
+        if set(space) != set(current):
             return Refusal(self.name, "the parent's constants do not match its skeleton's study")
-        trial = study.ask(space)
-        code = replace_constants(parent.code, _values_from(trial.params, constants))
-        details = {"study": study.study_name, "trial": trial.number}
-        if code == parent.code:
+        # Values the parent has moved outside the study's space (other operators did) stay as they
+        # are and out of the trial; the sampler moves only parameters inside its space.
+        inside = sorted(k for k in space if _contains(space[k], current[k]))
+        movable = [k for k in inside if not space[k].single()]
+        if not movable:
+            return Refusal(self.name, "none of the parent's constants lies inside its study's space")
+        old = _values_from(current, constants)
+        for _ in range(ATTEMPTS):  # a categorical draw often lands on the parent's own value
+            chosen = rng.sample(movable, k=min(len(movable), rng.randint(1, self.max_changes)))
+            token = f"{rng.getrandbits(64):016x}"
+            study.enqueue_trial({k: current[k] for k in inside if k not in chosen}, user_attrs={"evo_token": token})
+            trial = study.ask({k: space[k] for k in inside})
+            if trial.user_attrs.get("evo_token") != token:  # another driver's queued trial: not ours to fill
+                study.tell(trial.number, state=TrialState.PRUNED)
+                return Refusal(self.name, "another driver took this trial from the shared queue; try again")
+            new = _values_from(dict(current, **trial.params), constants)
+            moved = {n: v for n, v in new.items() if v != old[n]}  # only these lines change
+            if moved:
+                break
             study.tell(trial.number, state=TrialState.PRUNED)
+        else:
             return Refusal(self.name, "the sampler proposed the parent's own values")
-        changed = {c.name: render(c.value) for c in constants}
-        new = _values_from(trial.params, constants)
-        hypothesis = ", ".join(f"{n} {changed[n]} -> {new[n]}" for n in new if new[n] != changed[n])
-        return checked(Proposal(code, self.name, details, hypothesis), parent.code)
+        details = {"study": study.study_name, "trial": trial.number}
+        code = replace_constants(parent.code, moved)
+        hypothesis = ", ".join(f"{n} {old[n]} -> {v}" for n, v in moved.items())
+        result = checked(Proposal(code, self.name, details, hypothesis), parent.code)
+        if isinstance(result, Refusal):
+            study.tell(trial.number, state=TrialState.PRUNED)
+        return result
 
     def feedback(self, details: dict, val_bpb: float | None, evaluated: bool) -> None:
         """The child's outcome: a score, a failure (evaluated, no score), or never run (pruned)."""
         if "study" not in details:
             return
-        study = optuna.load_study(study_name=details["study"], storage=self.storage,
-                                  sampler=SAMPLERS[self.sampler_name](self.seed))
-        if study.trials[details["trial"]].state != TrialState.RUNNING:
-            return  # already told (e.g. before a crash); telling twice is an error in optuna
-        if val_bpb is not None:
-            study.tell(details["trial"], val_bpb)
-        else:
-            study.tell(details["trial"], state=TrialState.FAIL if evaluated else TrialState.PRUNED)
+        with self._lock:
+            study = self._load(details["study"], None)
+            if study.trials[details["trial"]].state != TrialState.RUNNING:
+                return  # already told (e.g. before a crash); telling twice is an error in optuna
+            if val_bpb is not None:
+                study.tell(details["trial"], val_bpb)
+            else:
+                study.tell(details["trial"], state=TrialState.FAIL if evaluated else TrialState.PRUNED)
 
     def trials(self) -> list[tuple[str, int, str, float | None]]:
         rows = []

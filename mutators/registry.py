@@ -12,7 +12,8 @@ from mutators.optuna_op import OptunaProposals
 
 def _optuna(config, run_dir: Path):
     s = config.mutators.optuna
-    return OptunaProposals(s.storage or run_dir / "optuna.journal", sampler=s.sampler, seed=config.seed)
+    return OptunaProposals(s.storage or run_dir / "optuna.journal", sampler=s.sampler, seed=config.seed,
+                           max_changes=s.max_changes)
 
 
 def _llm(config, run_dir: Path):
