@@ -3,7 +3,8 @@
 One study per code skeleton (the code with its constants' values masked), so the sampler learns
 on one structure at a time. The study's search space is fixed when the study is created, from
 the domains of the first parent with that skeleton, and that parent enters as a finished trial.
-ask() gives a child; the engine reports each child's val_bpb back (a failure is told as failed,
+A child moves only a few of its parent's constants (max_changes); the rest enter the trial fixed
+at the parent's values. ask() gives a child; the engine reports each child's val_bpb back (a failure is told as failed,
 a duplicate that was never run as pruned). The storage is a journal file in the run directory,
 so a resumed run continues every study where it stopped; or an RDB URL (PostgreSQL, say) that
 several drivers share, so their samplers learn from each other's trials.
