@@ -7,7 +7,10 @@ Two faces, one file (as in autoresearch):
   tokenizes, and writes the splits plus `meta.json` (with a fingerprint) to the data directory.
 * `import prepare` is the runtime API for variants: settings from the `EVO_` environment,
   `get_tokenizer()`, `make_dataloader(...)` (train only) and `evaluate_bpb(...)`, which hands
-  the trained model over to evo's evaluator and returns the score it measured.
+  the trained model over to evo's evaluator and returns the score it measured. autoresearch's
+  names work too (`from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, make_dataloader,
+  evaluate_bpb`, `Tokenizer.from_directory()`): a tokenizer loaded that way gets autoresearch's
+  dataloader, best-fit packed documents yielded as (x, y, epoch).
 
 The scoring rules (`score_rows`: bits per byte and the causality probe) live here so that a
 standalone run of a seed scores the same way; under evo they run only in the evaluator, a
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import glob
 import hashlib
 import json
@@ -121,6 +125,9 @@ class Tokenizer:
         )
         self.vocab_size = self.bos_id + 1
         self._token_bytes: torch.Tensor | None = None
+        # Which rows make_dataloader serves this tokenizer's caller (see make_dataloader):
+        # "windows" for evo's own API, "packed" for autoresearch's (Tokenizer.from_directory).
+        self.dataloader = "windows"
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
@@ -135,8 +142,36 @@ class Tokenizer:
         ranks = {bytes(k): int(v) for k, v in trainer.get_mergeable_ranks()}
         return cls(trainer.get_pattern(), ranks)
 
-    def encode(self, text: str) -> list[int]:
-        return self.encoding.encode_ordinary(text)
+    @classmethod
+    def from_directory(cls, tokenizer_dir: str | None = None) -> "Tokenizer":
+        """autoresearch's way in: the run's tokenizer, whose make_dataloader rows are packed.
+
+        `tokenizer_dir` is the prepared data directory (default: EVO_DATA_DIR). The tokenizer it
+        returns makes `make_dataloader` serve autoresearch's batches, (x, y, epoch) from
+        best-fit packed documents, instead of evo's (x, y) windows.
+        """
+        data_dir = tokenizer_dir or DATA_DIR
+        _require_prepared(data_dir)
+        tokenizer = cls.from_json((Path(data_dir) / "tokenizer.json").read_text())
+        tokenizer.dataloader = "packed"
+        return tokenizer
+
+    def get_vocab_size(self) -> int:
+        return self.vocab_size
+
+    def get_bos_token_id(self) -> int:
+        return self.bos_id
+
+    def encode(self, text: str | list[str], prepend: int | str | None = None) -> list[int] | list[list[int]]:
+        """Token ids of a text (or a list of ids per text), optionally each after a `prepend` token."""
+        first = []
+        if prepend is not None:
+            first = [prepend if isinstance(prepend, int) else self.encoding.encode_single_token(prepend)]
+        if isinstance(text, str):
+            return first + self.encoding.encode_ordinary(text)
+        if isinstance(text, list):
+            return [first + ids for ids in self.encoding.encode_ordinary_batch(text)]
+        raise TypeError(f"encode takes a str or a list of str, not {type(text).__name__}")
 
     def encode_documents(self, texts: list[str]) -> list[list[int]]:
         """Each document as [BOS] + its tokens."""
@@ -591,16 +626,44 @@ def _tokens(split: str, data_dir: str | None = None) -> np.ndarray:
     return np.memmap(_split_path(Path(data_dir), split), dtype=TOKEN_DTYPE, mode="r")
 
 
-def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str = "train") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless batches (x, y) of B random windows of T tokens, y shifted by one, on DEVICE.
+def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str = "train", packed: bool | None = None,
+                    buffer_size: int = 1000) -> Iterator[tuple]:
+    """Endless training batches on DEVICE, in one of two forms, chosen by `packed`:
 
+    * evo's (packed False): (x, y), B random windows of T tokens from the train token stream,
+      y shifted by one;
+    * autoresearch's (packed True): (x, y, epoch) from `packed_rows`, every row whole documents
+      that each start with BOS, best-fit packed.
+
+    `packed=None` (the default) follows the tokenizer: one from `Tokenizer.from_directory()`
+    (autoresearch's way in) gets packed rows, one from `get_tokenizer()` (evo's seeds) windows.
     The order depends only on EVO_SEED, so two runs with the same seed see the same data and a
     new seed sees a new order. Only train is served: val and held-out are read by the evaluator.
     """
     if split != "train":
         raise ValueError(f"make_dataloader serves the train split only, not {split!r}: evo's evaluator scores "
                          "val and held-out, and a variant never reads them")
+    if packed is None:
+        packed = getattr(tokenizer, "dataloader", "windows") == "packed"
     tokens = _tokens(split)
+    if packed:
+        rows = packed_rows(tokens, tokenizer.bos_id, B, T + 1, SEED, buffer_size)
+        return (_to_device(batch[:, :-1], batch[:, 1:]) + (epoch,) for batch, epoch in rows)
+    return _windows(tokens, B, T, split)
+
+
+def _to_device(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    pin = DEVICE == "cuda"
+    pair = []
+    for part in (x, y):
+        tensor = torch.from_numpy(np.ascontiguousarray(part, dtype=np.int64))
+        if pin:
+            tensor = tensor.pin_memory()
+        pair.append(tensor.to(DEVICE, non_blocking=pin))
+    return pair[0], pair[1]
+
+
+def _windows(tokens: np.ndarray, B: int, T: int, split: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     if tokens.size < T + 2:
         raise PrepareError(f"the {split} split has {tokens.size} tokens, fewer than T+1={T + 1}")
     generator = torch.Generator().manual_seed(SEED * 1000)
@@ -613,6 +676,58 @@ def make_dataloader(tokenizer: Tokenizer, B: int, T: int, split: str = "train") 
             batch = batch.pin_memory()
         batch = batch.to(DEVICE, non_blocking=pin)
         yield batch[:, :-1], batch[:, 1:]
+
+
+def split_documents(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start and length of every document in a split's token stream (each begins with BOS)."""
+    step = 1 << 26  # in slices, so a large memory-mapped split is never copied whole
+    starts = np.concatenate([np.flatnonzero(tokens[i : i + step] == bos_id) + i for i in range(0, tokens.size, step)]
+                            or [np.empty(0, dtype=np.int64)])
+    if starts.size == 0 or starts[0] != 0:
+        raise PrepareError("the split's tokens do not start with BOS; rebuild with `python prepare.py --force`")
+    lengths = np.diff(np.append(starts, tokens.size))
+    return starts, lengths
+
+
+def packed_rows(tokens: np.ndarray, bos_id: int, B: int, width: int, seed: int,
+                buffer_size: int = 1000) -> Iterator[tuple[np.ndarray, int]]:
+    """Endless (rows, epoch): B rows of `width` tokens, each filled with whole documents.
+
+    Documents are drawn in an order shuffled per pass (by `seed` and the pass number) into a
+    buffer of `buffer_size`. A row is filled from its start: each time, the longest buffered
+    document that fits in the room left (the earliest drawn among equals); when none fits, the
+    shortest one, cut to the room left (the rest of it is dropped). So every row starts with
+    BOS and has no padding. `epoch` counts passes over the split: 1 + the number of whole
+    splits' worth of documents served before this batch's last one.
+    """
+    starts, lengths = split_documents(tokens, bos_id)
+    buffer_size = max(1, min(buffer_size, starts.size))  # a small split is not buffered several times over
+    passes, order, drawn, served = 0, np.empty(0, dtype=np.int64), 0, 0
+    buffer: list[tuple[int, int, int]] = []  # (length, draw number, document), sorted
+    rows = np.empty((B, width), dtype=np.int64)
+    while True:
+        for r in range(B):
+            pos = 0
+            while pos < width:
+                while len(buffer) < buffer_size:
+                    if drawn % starts.size == 0:
+                        passes += 1
+                        order = np.random.default_rng([seed % 2**32, passes]).permutation(starts.size)
+                    doc = int(order[drawn % starts.size])
+                    bisect.insort(buffer, (int(lengths[doc]), drawn, doc))
+                    drawn += 1
+                room = width - pos
+                fits = bisect.bisect_right(buffer, (room, math.inf)) - 1
+                if fits >= 0:  # the longest that fits, the earliest drawn of that length
+                    i = bisect.bisect_left(buffer, (buffer[fits][0],))
+                else:  # none fits: the shortest, cut
+                    i = 0
+                length, _, doc = buffer.pop(i)
+                served += 1
+                take = min(length, room)
+                rows[r, pos : pos + take] = tokens[starts[doc] : starts[doc] + take]
+                pos += take
+        yield rows.copy(), 1 + (served - 1) // starts.size
 
 
 # ---------------------------------------------------------------------------------------------
