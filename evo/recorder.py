@@ -48,6 +48,7 @@ class Recorder:
         self.guard = guard
         self.log = log
         self.population = Population(config.population.islands, config.population.size)
+        self.population.attach_guard(guard)  # selection scores are re-run means where they exist
         self.counters = Counters()
         self.rng = random.Random(config.seed)
         self.lock = threading.RLock()  # shared with the breeder's threads

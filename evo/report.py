@@ -24,7 +24,9 @@ def load_population(store: RunStore) -> tuple[Population, Counters, Guard]:
     guard = Guard(config.guard, log=lambda line: None)
     if "guard" in state:
         guard.restore(state["guard"])
-    return population, Counters(**state["counters"]), guard
+    population.attach_guard(guard)  # ranked and scored as selection ranks and scores them
+    known = Counters.__dataclass_fields__
+    return population, Counters(**{k: v for k, v in state["counters"].items() if k in known}), guard
 
 
 def champion_of(population: Population, guard: Guard):
@@ -86,12 +88,13 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
         "",
         *champion_lines(population, guard),
         "",
-        "best first draws (selection uses these; only the champion's numbers above are re-run means):",
-        f"  {'id':<8} {'val_bpb':>9} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
+        "best by selection score (what selection uses: the re-run mean where the guard re-ran it, else the first draw):",
+        f"  {'id':<8} {'val_bpb':>9} {'which':<12} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
     ]
     for individual in population.ranked()[:top]:
         parent = individual.parents[0] if individual.parents else "-"
-        lines.append(f"  {individual.id:<8} {individual.val_bpb:>9.4f} {individual.operator:<10} {parent:<8} "
+        lines.append(f"  {individual.id:<8} {population.score(individual):>9.4f} {population.score_label(individual):<12} "
+                     f"{individual.operator:<10} {parent:<8} "
                      f"{individual.verdict:<20} {individual.hypothesis[:60]}{trust_note(individual.metrics)}")
     lines += ["", "by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.by_status.items()))]
     pending = population.pending()
