@@ -125,12 +125,13 @@ class Breeder:
                     self.cancel.wait(1.0)  # every operator waits out an outage: look again in a second
                 return None, waiting
             with self.recorder.lock:
-                parents = []
-                for _ in range(operator.parents_needed):
-                    parent = self.population.tournament(island, self.config.population.tournament_size, self.recorder.rng)
-                    if parent is None:
-                        return None, False
-                    parents.append(Parent(parent.id, self.recorder.code_of(parent.id), parent.val_bpb))
+                chosen = self._parents(operator.parents_needed, island)
+                if chosen is None:
+                    return None, False
+                if len(chosen) < operator.parents_needed:  # no second code to cross with yet
+                    self.recorder.refused(operator.name, "no evaluated variant with different code to cross with yet")
+                    continue
+                parents = [Parent(p.id, self.recorder.code_of(p.id), p.val_bpb) for p in chosen]
                 context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
                 op_rng = random.Random(self.recorder.rng.getrandbits(64))  # operators never share the engine's RNG
             proposal = self._propose(operator, parents, op_rng, context)
@@ -155,6 +156,22 @@ class Breeder:
                                                      proposal.details, proposal.hypothesis)
                 return child, False
         return None, False
+
+    def _parents(self, needed: int, island: int):
+        """The first parent by tournament on the island; any further one by `Population.mate`:
+        different code, from another island when one has members. None: nothing evaluated yet;
+        fewer than needed: no second code exists yet. Caller holds the lock."""
+        k, rng = self.config.population.tournament_size, self.recorder.rng
+        first = self.population.tournament(island, k, rng)
+        if first is None:
+            return None
+        chosen = [first]
+        while len(chosen) < needed:
+            mate = self.population.mate(first, island, k, rng)
+            if mate is None:
+                break
+            chosen.append(mate)
+        return chosen
 
     def _propose(self, operator, parents, rng, context):
         """The operator's proposal; an exception in an operator is a refusal, never the end of the run."""

@@ -119,6 +119,23 @@ class Population:
         drawn = rng.sample(members, k=min(k, len(members)))
         return min(drawn, key=self.rank_key)
 
+    def mate(self, first: Individual, island: int, k: int, rng: random.Random) -> Individual | None:
+        """A second parent for a crossover: code different from `first`'s, from another island when
+        one has such members (so the two lines have drifted apart), else from `first`'s island,
+        else from the whole run. None when no other code has been evaluated yet."""
+        def differs(pool):
+            return [i for i in pool if i.code_hash != first.code_hash]
+
+        others = [j for j in range(self.n_islands) if j != island and differs(self.members(j))]
+        if others:
+            pool = differs(self.members(rng.choice(others)))
+        else:
+            pool = differs(self.members(island)) or differs(self.ranked())[: self.size]
+        if not pool:
+            return None
+        drawn = rng.sample(pool, k=min(k, len(pool)))
+        return min(drawn, key=self.rank_key)
+
     def ranked(self) -> list[Individual]:
         ok = [i for i in self._all() if i.evaluated_ok]
         return sorted(ok, key=self.rank_key)

@@ -12,7 +12,9 @@ from evo.executors.fake import FakeExecutor
 from evo.guard import Guard, GuardRun
 from evo.population import Individual, Population
 from evo.report import status_text
+from evo.store import RunStore
 from mutators.base import Proposal
+from mutators.crossover import Crossover
 from evo.jobs import CHILD
 from tests.fakes import by_quality, engine_with, quality, scored
 
@@ -40,9 +42,65 @@ class Steps:
         return Proposal(code, self.name, {}, f"step {n}")
 
 
+class Watched(Crossover):
+    """The real AST crossover, remembering the parents it was handed."""
+
+    def __init__(self):
+        super().__init__()
+        self.pairs = []
+
+    def propose(self, parents, rng):
+        self.pairs.append((parents[0].code, parents[1].code))
+        return super().propose(parents, rng)
+
+
 def individual(id_, island, val, code_hash=None, birth=0):
     return Individual(id=id_, birth=birth, island=island, code_hash=code_hash or id_, operator="perturb",
                       status="ok", val_bpb=val)
+
+
+# ---- 1. crossover: two different codes, from another island when one has members ----
+
+def test_mate_has_different_code_and_comes_from_another_island_when_one_has_members():
+    population = Population(islands=3, size=4)
+    a = individual("a", 0, 2.0, birth=1)
+    population.add(a)
+    assert population.mate(a, 0, 2, random.Random(0)) is None  # no other code evaluated yet
+    population.add(individual("a2", 0, 2.1, birth=2))
+    assert population.mate(a, 0, 2, random.Random(0)).id == "a2"  # only its own island has one
+    population.add(individual("b", 1, 2.5, birth=3))
+    population.add(individual("c", 2, 2.6, birth=4))
+    population.migrants[1].append("a")  # a migrant of `a` on island 1 is not a different code
+    mates = {population.mate(a, 0, 2, random.Random(seed)).id for seed in range(40)}
+    assert mates == {"b", "c"}  # never the same island, while another island has members
+
+
+def test_in_a_run_crossovers_always_get_two_different_codes_from_another_island_when_one_has_members(setup_run):
+    crossover = Watched()
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), ops={"perturb": Steps(), "crossover": crossover},
+                                  max_evaluations=30, operators={"perturb": 1.0, "crossover": 1.0},
+                                  population={"islands": 2, "size": 4, "migration_interval": 3})
+    population, choices = engine.population, []
+    mate = population.mate
+
+    def watched_mate(first, island, k, rng):
+        other_islands_have = any(m.code_hash != first.code_hash for j in range(population.n_islands) if j != island
+                                 for m in population.members(j))
+        second = mate(first, island, k, rng)
+        from_other = second is not None and any(second in population.members(j)
+                                                for j in range(population.n_islands) if j != island)
+        choices.append((other_islands_have, from_other, second))
+        return second
+
+    population.mate = watched_mate
+    engine.run()
+    assert len(crossover.pairs) >= 5
+    assert all(a != b for a, b in crossover.pairs), "a crossover got the same code twice"
+    assert all(second is not None for _, _, second in choices)  # the seed and a child existed before any cross
+    assert all(from_other for other_have, from_other, _ in choices if other_have)
+    _, state = RunStore(run_dir).load()
+    refusals = state["counters"]["refusals"].get("crossover", {})
+    assert not any("share every top-level definition" in reason for reason in refusals), refusals
 
 
 # ---- 2. selection by re-run means ----
