@@ -6,8 +6,9 @@ import difflib
 import json
 from pathlib import Path
 
+from evo.breeder import effective_weights
 from evo.config import load_config
-from evo.recorder import Counters
+from evo.recorder import RECENT_OUTCOMES, Counters
 from evo.guard import Guard
 from evo.population import Population
 from evo.progress import clock
@@ -100,13 +101,22 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
     pending = population.pending()
     if pending:
         lines.append(f"in flight or queued (re-run on resume): {', '.join(i.id for i in pending)}")
-    lines += ["", f"  {'operator':<10} {'proposed':>9} {'refused':>8} {'evaluated':>10} {'ok':>5} {'improved':>9}"]
-    operators = sorted(set(counters.proposed) | set(counters.refusals) | {i.operator for i in population.individuals.values()})
+    configured = load_config(store.dir / "config.yaml").operators
+    effective = effective_weights(configured, counters.recent)
+    total = sum(effective[n] for n, w in configured.items() if w > 0) or 1.0
+    lines += ["", f"  {'operator':<14} {'proposed':>9} {'refused':>8} {'evaluated':>10} {'ok':>5} {'improved':>9}   "
+                  f"weight (configured -> now, from its last {RECENT_OUTCOMES} outcomes)"]
+    operators = sorted(set(counters.proposed) | set(counters.refusals) | {i.operator for i in population.individuals.values()}
+                       | set(configured))
     for name in operators:
         members = [i for i in population.individuals.values() if i.operator == name and i.status != "pending"]
         refused = sum(counters.refusals.get(name, {}).values())
-        lines.append(f"  {name:<10} {counters.proposed.get(name, 0):>9} {refused:>8} {len(members):>10} "
-                     f"{sum(i.evaluated_ok for i in members):>5} {counters.improved.get(name, 0):>9}")
+        weight = ""
+        if name in configured:
+            share = effective[name] / total if configured[name] > 0 else 0.0
+            weight = f"   {configured[name]:g} -> {effective[name]:.2f} ({share:.0%} of draws)"
+        lines.append(f"  {name:<14} {counters.proposed.get(name, 0):>9} {refused:>8} {len(members):>10} "
+                     f"{sum(i.evaluated_ok for i in members):>5} {counters.improved.get(name, 0):>9}{weight}")
     lines += _llm_lines(store, population)
     return "\n".join(lines)
 

@@ -7,13 +7,16 @@ import random
 import re
 import threading
 
+from evo.breeder import YIELD_FLOOR, effective_weights
 from evo.config import GuardSection
 from evo.executors.fake import FakeExecutor
 from evo.guard import Guard, GuardRun
 from evo.population import Individual, Population
+from evo.recorder import FAILED, IMPROVED, OK, RECENT_OUTCOMES
 from evo.report import status_text
+from evo.runs import resume_run
 from evo.store import RunStore
-from mutators.base import Proposal
+from mutators.base import Proposal, Refusal
 from mutators.crossover import Crossover
 from evo.jobs import CHILD
 from tests.fakes import by_quality, engine_with, quality, scored
@@ -40,6 +43,17 @@ class Steps:
         code = re.sub(r"^QUALITY = .*$", f"QUALITY = {value}", parents[0].code, flags=re.MULTILINE)
         code = re.sub(r"^NOISE = .*$", f"NOISE = {n * 1e-6}", code, flags=re.MULTILINE)
         return Proposal(code, self.name, {}, f"step {n}")
+
+
+class Refuses:
+    parents_needed = 1
+
+    def __init__(self, name):
+        self.name, self.calls = name, 0
+
+    def propose(self, parents, rng):
+        self.calls += 1
+        return Refusal(self.name, "nothing useful to say")
 
 
 class Watched(Crossover):
@@ -186,3 +200,38 @@ def test_a_run_with_the_guard_selects_and_reports_re_run_means_not_a_refused_luc
     assert ticks[-1].best_id != lucky.id and ticks[-1].best_label in ("first draw", "re-run mean")
     text = status_text(run_dir)
     assert "re-run mean" in text and f"{lucky.id}      3.5000 re-run mean" not in text.split("best by selection")[1][:400]
+
+
+# ---- 3. operator weights follow their yield ----
+
+def test_effective_weights_follow_the_recent_yield_but_never_drop_below_the_floor():
+    configured = {"perturb": 1.0, "llm": 2.0, "fresh": 1.0}
+    recent = {"perturb": [OK, IMPROVED] * 10, "llm": [FAILED] * 50}
+    weights = effective_weights(configured, recent)
+    assert weights["llm"] >= YIELD_FLOOR * 2.0 and weights["llm"] / 2.0 < 0.2 * weights["perturb"]
+    assert weights["llm"] == effective_weights(configured, {"llm": [FAILED] * RECENT_OUTCOMES})["llm"]  # a window
+    assert weights["fresh"] == 1.0 * (YIELD_FLOOR + 1.0)  # untried: the prior, as if evaluated ok
+    assert weights["perturb"] > weights["fresh"]  # improvements earn a bonus
+
+
+def test_an_operator_that_always_refuses_is_drawn_far_less_but_never_starved_and_resume_keeps_it(setup_run):
+    works, refuses = Steps(), Refuses("crossover")
+    calls = []
+    for op in (works, refuses):
+        propose = op.propose
+        op.propose = lambda parents, rng, propose=propose, name=op.name: calls.append(name) or propose(parents, rng)
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), ops={"perturb": works, "crossover": refuses},
+                                  max_evaluations=80, operators={"perturb": 1.0, "crossover": 1.0})
+    engine.run()
+    later = calls[len(calls) // 2:]  # equal configured weights; the first half is where it learns
+    assert later.count("crossover") < 0.25 * len(later), (later.count("crossover"), len(later))
+    assert later.count("crossover") >= 1 and refuses.calls >= 5  # the floor keeps it being tried
+    _, state = RunStore(run_dir).load()
+    recent = state["counters"]["recent"]
+    assert recent["crossover"] == [FAILED] * min(RECENT_OUTCOMES, refuses.calls)
+    weights = effective_weights({"perturb": 1.0, "crossover": 1.0}, recent)
+    assert YIELD_FLOOR <= weights["crossover"] < 0.25 * weights["perturb"]
+    text = status_text(run_dir)
+    assert re.search(r"crossover .* 1 -> 0\.\d\d \(\d+% of draws\)", text), text
+    resumed = resume_run(run_dir, ["stopping.max_evaluations=61"], log=lambda line: None)
+    assert resumed.counters.recent == recent  # the weights go on where they were
