@@ -19,8 +19,31 @@ from typing import Callable
 
 from evo.population import PENDING, normalized_hash
 from evo.progress import clock
-from evo.recorder import Recorder
+from evo.recorder import FAILED, IMPROVED, OK, RECENT_OUTCOMES, Recorder
 from mutators.base import Context, Failure, Idea, Parent, Refusal, Relative
+
+# Operator weights follow each operator's recent yield, a bandit with a floor:
+#   effective = configured x (YIELD_FLOOR + rate),  rate = (sum of rewards + YIELD_PRIOR) / (n + YIELD_PRIOR)
+# over its last RECENT_OUTCOMES outcomes (kept by the recorder, so resume keeps them). Reward 0
+# for a refusal, a duplicate or a failed evaluation, 1 for a child evaluated ok, 1 + YIELD_BONUS
+# for one better than its parent. The prior starts every operator at a rate of 1 (as if
+# evaluated ok), so none is judged on its first few tries; the floor keeps even an operator that
+# always fails being tried now and then. An LLM outage is not counted: it pauses the operator.
+YIELD_FLOOR = 0.1
+YIELD_BONUS = 0.5
+YIELD_PRIOR = 2  # pseudo-outcomes at reward 1
+REWARDS = {FAILED: 0.0, OK: 1.0, IMPROVED: 1.0 + YIELD_BONUS}
+
+
+def effective_weights(configured: dict[str, float], recent: dict[str, list[int]]) -> dict[str, float]:
+    """Each operator's configured weight scaled by its recent yield (see YIELD_*); never below configured x floor."""
+    weights = {}
+    for name, weight in configured.items():
+        outcomes = recent.get(name, [])[-RECENT_OUTCOMES:]
+        rate = (sum(REWARDS[o] for o in outcomes) + YIELD_PRIOR) / (len(outcomes) + YIELD_PRIOR)
+        weights[name] = weight * (YIELD_FLOOR + rate)
+    return weights
+
 
 BREED_ATTEMPTS = 20  # proposals one breeding task may try for a new, valid, unseen child
 OUTAGE_FIRST_RETRY = 15.0  # seconds before an unreachable LLM is asked again; doubles each time
@@ -106,7 +129,8 @@ class Breeder:
                  and not (n in self.outages and self.outages[n].retry_at > now)]
         if not names:
             return None
-        weights = [self.config.operators[n] for n in names]
+        effective = effective_weights(self.config.operators, self.recorder.counters.recent)
+        weights = [effective[n] for n in names]
         return self.operators[self.recorder.rng.choices(names, weights)[0]]
 
     def breed(self):
@@ -125,12 +149,13 @@ class Breeder:
                     self.cancel.wait(1.0)  # every operator waits out an outage: look again in a second
                 return None, waiting
             with self.recorder.lock:
-                parents = []
-                for _ in range(operator.parents_needed):
-                    parent = self.population.tournament(island, self.config.population.tournament_size, self.recorder.rng)
-                    if parent is None:
-                        return None, False
-                    parents.append(Parent(parent.id, self.recorder.code_of(parent.id), parent.val_bpb))
+                chosen = self._parents(operator.parents_needed, island)
+                if chosen is None:
+                    return None, False
+                if len(chosen) < operator.parents_needed:  # no second code to cross with yet
+                    self.recorder.refused(operator.name, "no evaluated variant with different code to cross with yet")
+                    continue
+                parents = [Parent(p.id, self.recorder.code_of(p.id), p.val_bpb) for p in chosen]
                 context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
                 op_rng = random.Random(self.recorder.rng.getrandbits(64))  # operators never share the engine's RNG
             proposal = self._propose(operator, parents, op_rng, context)
@@ -138,14 +163,17 @@ class Breeder:
                 if proposal.cancelled or self.cancel.is_set():
                     return None, False
                 self.recorder.refused(operator.name, proposal.reason)
-                if proposal.outage:
+                if proposal.outage:  # the server's fault, not the operator's: paused, not down-weighted
                     self._outage(operator.name, proposal.reason)
+                else:
+                    self.recorder.outcome(operator.name, FAILED)
                 continue
             self._reachable(operator.name)
             self.recorder.proposed(operator.name)
             with self.recorder.lock:
                 if self.population.known(normalized_hash(proposal.code)):
                     self.recorder.duplicate()
+                    self.recorder.outcome(operator.name, FAILED)
                     self.feedback(operator.name, proposal.details, None, evaluated=False)
                     continue
                 if self.cancel.is_set():
@@ -155,6 +183,22 @@ class Breeder:
                                                      proposal.details, proposal.hypothesis)
                 return child, False
         return None, False
+
+    def _parents(self, needed: int, island: int):
+        """The first parent by tournament on the island; any further one by `Population.mate`:
+        different code, from another island when one has members. None: nothing evaluated yet;
+        fewer than needed: no second code exists yet. Caller holds the lock."""
+        k, rng = self.config.population.tournament_size, self.recorder.rng
+        first = self.population.tournament(island, k, rng)
+        if first is None:
+            return None
+        chosen = [first]
+        while len(chosen) < needed:
+            mate = self.population.mate(first, island, k, rng)
+            if mate is None:
+                break
+            chosen.append(mate)
+        return chosen
 
     def _propose(self, operator, parents, rng, context):
         """The operator's proposal; an exception in an operator is a refusal, never the end of the run."""

@@ -115,8 +115,10 @@ class Engine:
         if s.max_evaluations is not None and self._children_started() >= s.max_evaluations:
             return f"max_evaluations ({s.max_evaluations}) reached", False
         best = self.population.best()
-        if s.target_val_bpb is not None and best is not None and best.val_bpb <= s.target_val_bpb:
-            return f"target val_bpb {s.target_val_bpb} reached by {best.id}", False
+        if (s.target_val_bpb is not None and best is not None and self.population.score(best) <= s.target_val_bpb
+                and not self.guard.awaiting(best.id)):  # a candidate's lucky draw waits for its re-runs
+            return (f"target val_bpb {s.target_val_bpb} reached by {best.id} "
+                    f"({self.population.score_label(best)} {self.population.score(best):.4f})"), False
         return None
 
     def _nowhere_to_go(self) -> str | None:
@@ -354,7 +356,8 @@ class Engine:
             left.append(max(0, s.max_evaluations - self.counters.evaluations) * per_evaluation)
         return Snapshot(
             done=self.counters.evaluations, limit=s.max_evaluations,
-            best=best.val_bpb if best else None, best_id=best.id if best else None,
+            best=self.population.score(best) if best else None, best_id=best.id if best else None,
+            best_label=self.population.score_label(best) if best else "",
             busy=len(self._in_flight), workers=self.executor.capacity() if self.executor else 0, elapsed=elapsed,
             time_left=min(left) if left else None, note=self.breeder.note(),
         )
@@ -363,7 +366,8 @@ class Engine:
         best = self.population.best()
         total = self.config.stopping.max_evaluations
         value = f"{individual.val_bpb:.4f}" if individual.val_bpb is not None else "-"
-        best_text = f"{best.val_bpb:.4f} ({best.id})" if best else "-"
+        best_text = (f"({self.population.score_label(best)}) {self.population.score(best):.4f} ({best.id})"
+                     if best else "-")
         self.log(
             f"[{self.counters.evaluations}{'/' + str(total) if total else ''}] {individual.id} "
             f"{individual.operator:<8} {individual.status:<10} val_bpb {value}  best {best_text}  "

@@ -202,6 +202,24 @@ class Guard:
                  f"{champ['val_mean']:.4f}, p={candidate.p_value:.3g})")
 
     # ---- reading ----
+    def rerun_mean(self, individual_id: str) -> float | None:
+        """Mean val_bpb of its ok re-runs (noise runs for the seed), once there are at least two."""
+        record = self.records.get(individual_id)
+        ok = record.ok() if record is not None else []
+        return sum(s.val_bpb for s in ok) / len(ok) if len(ok) >= 2 else None
+
+    def rerun_failed(self, individual_id: str) -> bool:
+        """Its re-runs were given a verdict and too few of them ran ok to have a mean."""
+        record = self.records.get(individual_id)
+        return record is not None and record.verdict.startswith("re-runs failed")
+
+    def awaiting(self, individual_id: str) -> bool:
+        """A candidate whose verdict is still open: re-runs queued or in flight, or deferred."""
+        record = self.records.get(individual_id)
+        if record is not None and len(record.samples) < record.expected:
+            return True
+        return any(who == individual_id for who, _ in self.deferred)
+
     def overfitting_alarm(self) -> str | None:
         """Val keeps improving over successive champions while held-out does not."""
         window = self.champions[-self.s.alarm_window:]

@@ -4,6 +4,12 @@ Each island keeps as members its best `size` evaluated individuals (truncation r
 the best are never lost: elitism is built in), plus the migrants it received. Parents come from
 a tournament among an island's members; failed variants are never members.
 
+"Best" is by selection score, one number per individual (`score`): the mean of its guard re-runs
+once it has at least two ok ones, else its first draw. A variant the guard re-ran therefore
+competes on its honest mean, not on the lucky draw that made it a candidate; one whose re-runs
+mostly failed ranks after every variant that did not (`rerun_failed`). The guard feeds both
+through `attach_guard`; without a guard every score is a first draw.
+
 An individual is a small record: its code lives in the run directory (RunStore.code), so a
 population of many thousands costs a few hundred bytes each in memory, not the size of its code.
 """
@@ -69,6 +75,26 @@ class Population:
         self.individuals: dict[str, Individual] = {}
         self.by_hash: dict[str, str] = {}
         self.migrants: list[list[str]] = [[] for _ in range(islands)]
+        self._rerun_mean = lambda individual_id: None  # fed by the guard (attach_guard)
+        self._rerun_failed = lambda individual_id: False
+
+    def attach_guard(self, guard) -> None:
+        """Scores come from the guard's records from now on (re-run means where they exist)."""
+        self._rerun_mean, self._rerun_failed = guard.rerun_mean, guard.rerun_failed
+
+    # ---- the one number selection uses ----
+    def score(self, individual: Individual) -> float | None:
+        """Re-run val mean with >= 2 ok re-runs, else the first draw."""
+        mean = self._rerun_mean(individual.id)
+        return mean if mean is not None else individual.val_bpb
+
+    def score_label(self, individual: Individual) -> str:
+        """Which number `score` is, in words for a status line."""
+        return "re-run mean" if self._rerun_mean(individual.id) is not None else "first draw"
+
+    def rank_key(self, individual: Individual) -> tuple:
+        """Lower is better: variants whose guard re-runs failed last, then by score, then oldest."""
+        return (self._rerun_failed(individual.id), self.score(individual), individual.birth)
 
     def add(self, individual: Individual) -> None:
         self.individuals[individual.id] = individual
@@ -81,7 +107,7 @@ class Population:
         """The island's best evaluated individuals, best first."""
         ids = {i.id for i in self._all() if i.island == island} | set(self.migrants[island])
         ok = [self.individuals[i] for i in ids if self.individuals[i].evaluated_ok]
-        ok.sort(key=lambda i: (i.val_bpb, i.birth))
+        ok.sort(key=self.rank_key)
         return ok[: self.size]
 
     def tournament(self, island: int, k: int, rng: random.Random) -> Individual | None:
@@ -91,11 +117,28 @@ class Population:
         if not members:
             return None
         drawn = rng.sample(members, k=min(k, len(members)))
-        return min(drawn, key=lambda i: (i.val_bpb, i.birth))
+        return min(drawn, key=self.rank_key)
+
+    def mate(self, first: Individual, island: int, k: int, rng: random.Random) -> Individual | None:
+        """A second parent for a crossover: code different from `first`'s, from another island when
+        one has such members (so the two lines have drifted apart), else from `first`'s island,
+        else from the whole run. None when no other code has been evaluated yet."""
+        def differs(pool):
+            return [i for i in pool if i.code_hash != first.code_hash]
+
+        others = [j for j in range(self.n_islands) if j != island and differs(self.members(j))]
+        if others:
+            pool = differs(self.members(rng.choice(others)))
+        else:
+            pool = differs(self.members(island)) or differs(self.ranked())[: self.size]
+        if not pool:
+            return None
+        drawn = rng.sample(pool, k=min(k, len(pool)))
+        return min(drawn, key=self.rank_key)
 
     def ranked(self) -> list[Individual]:
         ok = [i for i in self._all() if i.evaluated_ok]
-        return sorted(ok, key=lambda i: (i.val_bpb, i.birth))
+        return sorted(ok, key=self.rank_key)
 
     def best(self) -> Individual | None:
         ranked = self.ranked()

@@ -17,6 +17,7 @@ class Snapshot:
     elapsed: float
     time_left: float | None  # None: unknown
     note: str = ""  # e.g. an LLM server that is down and being retried
+    best_label: str = ""  # which number `best` is: "re-run mean" or "first draw"
 
 
 def clock(seconds: float) -> str:
@@ -27,8 +28,9 @@ def clock(seconds: float) -> str:
 def status_line(s: Snapshot) -> str:
     done = f"{s.done}/{s.limit}" if s.limit else str(s.done)
     best = f"{s.best:.4f} ({s.best_id})" if s.best is not None else "-"
+    label = f" ({s.best_label})" if s.best_label else ""
     left = clock(s.time_left) if s.time_left is not None else "?"
-    return (f"evaluations {done} | best val_bpb {best} | workers busy {s.busy}/{s.workers} | "
+    return (f"evaluations {done} | best{label} val_bpb {best} | workers busy {s.busy}/{s.workers} | "
             f"elapsed {clock(s.elapsed)} | left ~{left}" + (f" | {s.note}" if s.note else ""))
 
 

@@ -24,6 +24,8 @@ from trainer import processes
 from trainer.runner import RunResult, code_sha256
 
 SAVE_EVERY_SECONDS = 5.0  # counters and elapsed time reach the checkpoint at most this late
+RECENT_OUTCOMES = 20  # outcomes kept per operator: the breeder weights operators by them
+FAILED, OK, IMPROVED = 0, 1, 2  # an outcome: refused, duplicate or failed / evaluated ok / better than its parent
 
 
 @dataclass
@@ -39,6 +41,7 @@ class Counters:
     guard_runs: int = 0  # noise-floor, candidate and transfer re-runs finished
     elapsed_seconds: float = 0.0  # wall time of the run, resumes included (as of the last save)
     lost_jobs: int = 0  # jobs whose machine went away mid-run and were re-queued
+    recent: dict = field(default_factory=dict)  # operator -> its last RECENT_OUTCOMES outcomes, oldest first
 
 
 class Recorder:
@@ -48,6 +51,7 @@ class Recorder:
         self.guard = guard
         self.log = log
         self.population = Population(config.population.islands, config.population.size)
+        self.population.attach_guard(guard)  # selection scores are re-run means where they exist
         self.counters = Counters()
         self.rng = random.Random(config.seed)
         self.lock = threading.RLock()  # shared with the breeder's threads
@@ -136,6 +140,14 @@ class Recorder:
             self.counters.proposed[operator] = self.counters.proposed.get(operator, 0) + 1
             self.changed()
 
+    def outcome(self, operator: str, outcome: int) -> None:
+        """One more outcome of `operator`: FAILED, OK or IMPROVED."""
+        with self.lock:
+            recent = self.counters.recent.setdefault(operator, [])
+            recent.append(outcome)
+            del recent[:-RECENT_OUTCOMES]
+            self.changed()
+
     def duplicate(self) -> None:
         with self.lock:
             self.counters.duplicates += 1
@@ -166,8 +178,12 @@ class Recorder:
         if result.reason.startswith("smoke run:"):
             c.smoke_failures[result.status] = c.smoke_failures.get(result.status, 0) + 1
         parent = self.population.individuals.get(individual.parents[0]) if individual.parents else None
-        if individual.evaluated_ok and parent is not None and parent.val_bpb is not None and individual.val_bpb < parent.val_bpb:
+        improved = (individual.evaluated_ok and parent is not None and parent.val_bpb is not None
+                    and individual.val_bpb < parent.val_bpb)
+        if improved:
             c.improved[individual.operator] = c.improved.get(individual.operator, 0) + 1
+        if individual.operator != "seed":
+            self.outcome(individual.operator, IMPROVED if improved else OK if individual.evaluated_ok else FAILED)
         if individual.operator == "seed" and individual.evaluated_ok:
             self.guard.start(individual.id, individual.val_bpb)
             individual.verdict = "champion" if self.config.guard.enabled else ""

@@ -6,8 +6,9 @@ import difflib
 import json
 from pathlib import Path
 
+from evo.breeder import effective_weights
 from evo.config import load_config
-from evo.recorder import Counters
+from evo.recorder import RECENT_OUTCOMES, Counters
 from evo.guard import Guard
 from evo.population import Population
 from evo.progress import clock
@@ -24,7 +25,9 @@ def load_population(store: RunStore) -> tuple[Population, Counters, Guard]:
     guard = Guard(config.guard, log=lambda line: None)
     if "guard" in state:
         guard.restore(state["guard"])
-    return population, Counters(**state["counters"]), guard
+    population.attach_guard(guard)  # ranked and scored as selection ranks and scores them
+    known = Counters.__dataclass_fields__
+    return population, Counters(**{k: v for k, v in state["counters"].items() if k in known}), guard
 
 
 def champion_of(population: Population, guard: Guard):
@@ -86,24 +89,34 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
         "",
         *champion_lines(population, guard),
         "",
-        "best first draws (selection uses these; only the champion's numbers above are re-run means):",
-        f"  {'id':<8} {'val_bpb':>9} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
+        "best by selection score (what selection uses: the re-run mean where the guard re-ran it, else the first draw):",
+        f"  {'id':<8} {'val_bpb':>9} {'which':<12} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
     ]
     for individual in population.ranked()[:top]:
         parent = individual.parents[0] if individual.parents else "-"
-        lines.append(f"  {individual.id:<8} {individual.val_bpb:>9.4f} {individual.operator:<10} {parent:<8} "
+        lines.append(f"  {individual.id:<8} {population.score(individual):>9.4f} {population.score_label(individual):<12} "
+                     f"{individual.operator:<10} {parent:<8} "
                      f"{individual.verdict:<20} {individual.hypothesis[:60]}{trust_note(individual.metrics)}")
     lines += ["", "by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.by_status.items()))]
     pending = population.pending()
     if pending:
         lines.append(f"in flight or queued (re-run on resume): {', '.join(i.id for i in pending)}")
-    lines += ["", f"  {'operator':<10} {'proposed':>9} {'refused':>8} {'evaluated':>10} {'ok':>5} {'improved':>9}"]
-    operators = sorted(set(counters.proposed) | set(counters.refusals) | {i.operator for i in population.individuals.values()})
+    configured = load_config(store.dir / "config.yaml").operators
+    effective = effective_weights(configured, counters.recent)
+    total = sum(effective[n] for n, w in configured.items() if w > 0) or 1.0
+    lines += ["", f"  {'operator':<14} {'proposed':>9} {'refused':>8} {'evaluated':>10} {'ok':>5} {'improved':>9}   "
+                  f"weight (configured -> now, from its last {RECENT_OUTCOMES} outcomes)"]
+    operators = sorted(set(counters.proposed) | set(counters.refusals) | {i.operator for i in population.individuals.values()}
+                       | set(configured))
     for name in operators:
         members = [i for i in population.individuals.values() if i.operator == name and i.status != "pending"]
         refused = sum(counters.refusals.get(name, {}).values())
-        lines.append(f"  {name:<10} {counters.proposed.get(name, 0):>9} {refused:>8} {len(members):>10} "
-                     f"{sum(i.evaluated_ok for i in members):>5} {counters.improved.get(name, 0):>9}")
+        weight = ""
+        if name in configured:
+            share = effective[name] / total if configured[name] > 0 else 0.0
+            weight = f"   {configured[name]:g} -> {effective[name]:.2f} ({share:.0%} of draws)"
+        lines.append(f"  {name:<14} {counters.proposed.get(name, 0):>9} {refused:>8} {len(members):>10} "
+                     f"{sum(i.evaluated_ok for i in members):>5} {counters.improved.get(name, 0):>9}{weight}")
     lines += _llm_lines(store, population)
     return "\n".join(lines)
 

@@ -1,0 +1,238 @@
+"""How parents and operators are chosen: crossover mates, selection by re-run means, operator
+weights that follow each operator's yield. Whole runs on the fake executor, no process started."""
+
+from __future__ import annotations
+
+import random
+import re
+import threading
+
+from evo.breeder import YIELD_FLOOR, effective_weights
+from evo.config import GuardSection
+from evo.executors.fake import FakeExecutor
+from evo.guard import Guard, GuardRun
+from evo.population import Individual, Population
+from evo.recorder import FAILED, IMPROVED, OK, RECENT_OUTCOMES
+from evo.report import status_text
+from evo.runs import resume_run
+from evo.store import RunStore
+from mutators.base import Proposal, Refusal
+from mutators.crossover import Crossover
+from evo.jobs import CHILD
+from tests.fakes import by_quality, engine_with, quality, scored
+
+GUARD = {"enabled": True, "noise_runs": 2, "reruns": 2, "z": 0.0, "min_delta": 0.0}
+
+
+class Steps:
+    """A one-parent operator that always works: each child moves QUALITY (and NOISE, so a
+    crossover has two definitions to choose from) a step."""
+
+    parents_needed = 1
+
+    def __init__(self, name="perturb", lucky_at: int = 0):
+        self.name, self.lucky_at = name, lucky_at
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def propose(self, parents, rng):
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        value = 0.123 if n == self.lucky_at else 0.5 + n * 1e-3
+        code = re.sub(r"^QUALITY = .*$", f"QUALITY = {value}", parents[0].code, flags=re.MULTILINE)
+        code = re.sub(r"^NOISE = .*$", f"NOISE = {n * 1e-6}", code, flags=re.MULTILINE)
+        return Proposal(code, self.name, {}, f"step {n}")
+
+
+class Refuses:
+    parents_needed = 1
+
+    def __init__(self, name):
+        self.name, self.calls = name, 0
+
+    def propose(self, parents, rng):
+        self.calls += 1
+        return Refusal(self.name, "nothing useful to say")
+
+
+class Watched(Crossover):
+    """The real AST crossover, remembering the parents it was handed."""
+
+    def __init__(self):
+        super().__init__()
+        self.pairs = []
+
+    def propose(self, parents, rng):
+        self.pairs.append((parents[0].code, parents[1].code))
+        return super().propose(parents, rng)
+
+
+def individual(id_, island, val, code_hash=None, birth=0):
+    return Individual(id=id_, birth=birth, island=island, code_hash=code_hash or id_, operator="perturb",
+                      status="ok", val_bpb=val)
+
+
+# ---- 1. crossover: two different codes, from another island when one has members ----
+
+def test_mate_has_different_code_and_comes_from_another_island_when_one_has_members():
+    population = Population(islands=3, size=4)
+    a = individual("a", 0, 2.0, birth=1)
+    population.add(a)
+    assert population.mate(a, 0, 2, random.Random(0)) is None  # no other code evaluated yet
+    population.add(individual("a2", 0, 2.1, birth=2))
+    assert population.mate(a, 0, 2, random.Random(0)).id == "a2"  # only its own island has one
+    population.add(individual("b", 1, 2.5, birth=3))
+    population.add(individual("c", 2, 2.6, birth=4))
+    population.migrants[1].append("a")  # a migrant of `a` on island 1 is not a different code
+    mates = {population.mate(a, 0, 2, random.Random(seed)).id for seed in range(40)}
+    assert mates == {"b", "c"}  # never the same island, while another island has members
+
+
+def test_in_a_run_crossovers_always_get_two_different_codes_from_another_island_when_one_has_members(setup_run):
+    crossover = Watched()
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), ops={"perturb": Steps(), "crossover": crossover},
+                                  max_evaluations=30, operators={"perturb": 1.0, "crossover": 1.0},
+                                  population={"islands": 2, "size": 4, "migration_interval": 3})
+    population, choices = engine.population, []
+    mate = population.mate
+
+    def watched_mate(first, island, k, rng):
+        other_islands_have = any(m.code_hash != first.code_hash for j in range(population.n_islands) if j != island
+                                 for m in population.members(j))
+        another_code = any(i.code_hash != first.code_hash for i in population.ranked())
+        second = mate(first, island, k, rng)
+        from_other = second is not None and any(second in population.members(j)
+                                                for j in range(population.n_islands) if j != island)
+        choices.append((other_islands_have, from_other, second is not None or not another_code))
+        return second
+
+    population.mate = watched_mate
+    engine.run()
+    assert len(crossover.pairs) >= 5
+    assert all(a != b for a, b in crossover.pairs), "a crossover got the same code twice"
+    assert all(found for _, _, found in choices)  # a mate whenever another code had been evaluated
+    assert all(from_other for other_have, from_other, _ in choices if other_have)
+    _, state = RunStore(run_dir).load()
+    refusals = state["counters"]["refusals"].get("crossover", {})
+    assert not any("share every top-level definition" in reason for reason in refusals), refusals
+
+
+# ---- 2. selection by re-run means ----
+
+def _rerun(guard, who, values):
+    for value in values:
+        run = GuardRun(who, guard.next_seed, "rerun")
+        guard.next_seed += 1
+        guard.running.append(run)
+        guard.record(run, "ok", {"val_bpb": value, "heldout_bpb": value})
+
+
+def test_the_selection_score_is_the_rerun_mean_and_a_refused_lucky_draw_stops_winning():
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0), log=lambda line: None)
+    population = Population(islands=1, size=8)
+    population.attach_guard(guard)
+    seed, honest, lucky = individual("seed", 0, 2.50, birth=1), individual("honest", 0, 2.40, birth=2), \
+        individual("lucky", 0, 1.50, birth=3)
+    for i in (seed, honest, lucky):
+        population.add(i)
+    assert population.best() is lucky and population.score_label(lucky) == "first draw"
+    guard.start("seed", 2.50)
+    for run in list(guard.queue):  # the noise floor
+        guard.take()
+        guard.record(run, "ok", {"val_bpb": run.seed % 2 * 0.02 + 2.49, "heldout_bpb": 2.6})
+    assert guard.consider("lucky", 1.50)
+    guard.queue.clear()
+    _rerun(guard, "lucky", [2.60, 2.64])
+    assert guard.records["lucky"].verdict == "not significant"
+    assert population.score(lucky) == 2.62 and population.score_label(lucky) == "re-run mean"
+    assert population.score_label(seed) == "re-run mean"
+    assert population.best() is honest
+    for k in range(2, 4):  # a tournament that draws it never lets it win
+        assert all(population.tournament(0, k, random.Random(s)) is not lucky for s in range(30))
+
+    failed = individual("flaky", 0, 1.0, birth=4)
+    population.add(failed)
+    guard.consider("flaky", 1.0)
+    guard.queue.clear()
+    for status in ("crash", "ok"):
+        run = GuardRun("flaky", guard.next_seed, "rerun")
+        guard.next_seed += 1
+        guard.record(run, status, {"val_bpb": 1.0, "heldout_bpb": 1.0})
+    assert guard.records["flaky"].verdict.startswith("re-runs failed")
+    assert population.ranked()[-1] is failed  # its lucky 1.0 ranks after every variant that held up
+
+
+def test_a_run_with_the_guard_selects_and_reports_re_run_means_not_a_refused_lucky_draw(setup_run):
+    # The 3rd child scores 1.5 on its first draw and 3.5 on every re-run: a lucky draw the guard refuses.
+    lucky_code = 0.123
+
+    def score(job):
+        if quality(job.code) == lucky_code:
+            return scored(job, 1.5 if job.kind == CHILD else 3.5)
+        return by_quality(job, noise=0.01)
+
+    lines, ticks, picks = [], [], []
+    engine, run_dir = engine_with(setup_run, FakeExecutor(score), ops={"perturb": Steps(lucky_at=3)},
+                                  max_evaluations=25, guard=GUARD, stopping={"target_val_bpb": 1.6})
+    engine.log, engine.on_tick = lines.append, ticks.append
+    population, tournament = engine.population, engine.population.tournament
+
+    def watched(island, k, rng):
+        chosen = tournament(island, k, rng)
+        lucky = next((i for i in population.individuals.values() if i.hypothesis == "step 3"), None)
+        verdict = engine.guard.records[lucky.id].verdict if lucky and lucky.id in engine.guard.records else ""
+        picks.append((chosen.id, lucky.id if lucky else None, verdict))
+        return chosen
+
+    population.tournament = watched
+    reason = engine.run()
+    lucky = next(i for i in population.individuals.values() if i.hypothesis == "step 3")
+    assert lucky.val_bpb == 1.5 and lucky.verdict == "not significant"
+    assert "max_evaluations (25)" in reason  # the lucky draw under target_val_bpb 1.6 did not stop the run
+    assert not [p for p in picks if p[2] and p[0] == p[1]], "a refused lucky draw kept winning tournaments"
+    assert population.best() is not lucky and population.score(lucky) == 3.5
+    # Every "best" number says which it is; once refused, the lucky draw is never the best shown.
+    evaluation_lines = [line for line in lines if line.startswith("[")]
+    verdict_at = next(n for n, line in enumerate(lines) if f"guard: {lucky.id} not significant" in line)
+    assert all(re.search(r"best \((first draw|re-run mean)\) \d", line) for line in evaluation_lines)
+    assert any(f"best (first draw) 1.5000 ({lucky.id})" in line for line in lines[:verdict_at])
+    assert not any(f"({lucky.id})" in line for line in lines[verdict_at:] if line.startswith("["))
+    assert ticks[-1].best_id != lucky.id and ticks[-1].best_label in ("first draw", "re-run mean")
+    text = status_text(run_dir)
+    assert "re-run mean" in text and f"{lucky.id}      3.5000 re-run mean" not in text.split("best by selection")[1][:400]
+
+
+# ---- 3. operator weights follow their yield ----
+
+def test_effective_weights_follow_the_recent_yield_but_never_drop_below_the_floor():
+    configured = {"perturb": 1.0, "llm": 2.0, "fresh": 1.0}
+    recent = {"perturb": [OK, IMPROVED] * 10, "llm": [FAILED] * 50}
+    weights = effective_weights(configured, recent)
+    assert weights["llm"] >= YIELD_FLOOR * 2.0 and weights["llm"] / 2.0 < 0.2 * weights["perturb"]
+    assert weights["llm"] == effective_weights(configured, {"llm": [FAILED] * RECENT_OUTCOMES})["llm"]  # a window
+    assert weights["fresh"] == 1.0 * (YIELD_FLOOR + 1.0)  # untried: the prior, as if evaluated ok
+    assert weights["perturb"] > weights["fresh"]  # improvements earn a bonus
+
+
+def test_an_operator_that_always_refuses_is_drawn_far_less_but_never_starved_and_resume_keeps_it(setup_run):
+    works, refuses = Steps(), Refuses("crossover")
+    calls = []
+    for op in (works, refuses):
+        propose = op.propose
+        op.propose = lambda parents, rng, propose=propose, name=op.name: calls.append(name) or propose(parents, rng)
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), ops={"perturb": works, "crossover": refuses},
+                                  max_evaluations=80, operators={"perturb": 1.0, "crossover": 1.0})
+    engine.run()
+    later = calls[len(calls) // 2:]  # equal configured weights; the first half is where it learns
+    assert later.count("crossover") < 0.25 * len(later), (later.count("crossover"), len(later))
+    assert later.count("crossover") >= 1 and refuses.calls >= 5  # the floor keeps it being tried
+    _, state = RunStore(run_dir).load()
+    recent = state["counters"]["recent"]
+    assert recent["crossover"] == [FAILED] * min(RECENT_OUTCOMES, refuses.calls)
+    weights = effective_weights({"perturb": 1.0, "crossover": 1.0}, recent)
+    assert YIELD_FLOOR <= weights["crossover"] < 0.25 * weights["perturb"]
+    text = status_text(run_dir)
+    assert re.search(r"crossover .* 1 -> 0\.\d\d \(\d+% of draws\)", text), text
+    resumed = resume_run(run_dir, ["stopping.max_evaluations=61"], log=lambda line: None)
+    assert resumed.counters.recent == recent  # the weights go on where they were
