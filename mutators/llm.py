@@ -154,8 +154,8 @@ class LLMClient:
             if model in self._contexts:
                 return self._contexts[model]
         found = self._listed_context(model)
-        if found is None:  # the listing could not be read: assume, and ask again next time
-            return ASSUMED_CONTEXT_TOKENS, "assumed (the server's /v1/models could not be read)"
+        if found is None:  # the server could not be reached: assume, and ask again next time
+            return ASSUMED_CONTEXT_TOKENS, "assumed (the server's /v1/models could not be reached)"
         with self.lock:
             self._contexts[model] = found
         return found
@@ -166,8 +166,10 @@ class LLMClient:
         try:
             raw = self.client.with_options(timeout=min(10.0, self.settings.timeout), max_retries=0).models.with_raw_response.list()
             entries = json.loads(raw.text).get("data") or []
-        except (openai.OpenAIError, ValueError, AttributeError):
+        except openai.APIConnectionError:  # not reached this time: ask again next time
             return None
+        except (openai.OpenAIError, ValueError, AttributeError):  # answered, without a listing
+            entries = []
         entries = [e for e in entries if isinstance(e, dict)]
         entry = next((e for e in entries if e.get("id") == model), entries[0] if len(entries) == 1 else None)
         for key in ("max_model_len", "context_length", "max_context_length", "context_window", "n_ctx", "n_ctx_train"):
