@@ -99,6 +99,7 @@ class OptunaSettings(Section):
 class LLMSettings(Section):
     base_url: str = Field("http://127.0.0.1:8000/v1", description="any OpenAI-compatible server (OpenAI, vLLM, Ollama, llama.cpp)")
     models: dict[str, float] = Field(default_factory=lambda: {"gpt-4.1-mini": 1.0}, description="model name -> weight")
+    adapt_weights: bool = Field(True, description="scale each model's weight by its recent share of usable replies (never below 0.1 of it)")
     api_key_env: str = Field("OPENAI_API_KEY", description="NAME of the environment variable holding the key (never the key)")
     temperature: float = Field(0.7, ge=0, le=2)
     max_tokens: int = Field(4096, gt=0)

@@ -55,6 +55,8 @@ CHARS_PER_TOKEN = 3.5  # prompt size estimate: a little below the usual 4, since
 MESSAGE_OVERHEAD_TOKENS = 8  # per chat message (role, separators)
 SAFETY_TOKENS = 64  # kept free of prompt and reply, for the estimate's error
 MIN_DIFF_REPLY_TOKENS = 1024  # the least room worth asking for SEARCH/REPLACE edits in
+YIELD_WINDOW = 20  # a model's last this many answered proposals make its recent yield
+YIELD_FLOOR = 0.1  # a model's weight never falls below this share of its configured weight
 
 
 def template(name: str) -> Template:
@@ -109,6 +111,22 @@ class Usage:
     @property
     def total(self) -> int:
         return self.data["total_tokens"]
+
+    def answered(self, model: str, usable: bool) -> None:
+        """One more answered proposal of `model`: did its reply become a child?"""
+        with self.lock:
+            recent = self.data.setdefault("yield", {}).setdefault(model, [])
+            recent.append(int(usable))
+            del recent[:-YIELD_WINDOW]
+            from trainer.files import write_atomic
+            write_atomic(self.path, json.dumps(self.data, indent=2))
+
+    def yield_of(self, model: str) -> float:
+        """Usable replies over its recent answered proposals, with one of each assumed (a model
+        not yet heard from has 0.5, as does every other one at the start)."""
+        with self.lock:
+            recent = list(self.data.get("yield", {}).get(model, []))
+        return (sum(recent) + 1) / (len(recent) + 2)
 
 
 class LLMClient:
@@ -325,9 +343,19 @@ class _LLMOperator:
         budget = self.settings.token_budget
         return budget is None or self.client.usage.total < budget
 
-    def _model(self, rng: random.Random) -> str:
-        names = list(self.settings.models)
-        return rng.choices(names, [self.settings.models[n] for n in names])[0]
+    def weights(self) -> dict[str, float]:
+        """The configured weights, each scaled by its model's recent yield (never below
+        YIELD_FLOOR of it, so a model that failed for a while is still tried and can recover)."""
+        models = self.settings.models
+        if not self.settings.adapt_weights:
+            return dict(models)
+        usage = self.client.usage
+        return {name: round(w * max(YIELD_FLOOR, usage.yield_of(name)), 4) for name, w in models.items()}
+
+    def _model(self, rng: random.Random) -> tuple[str, dict[str, float]]:
+        weights = self.weights()
+        names = list(weights)
+        return rng.choices(names, [weights[n] for n in names])[0], weights
 
     def _program(self) -> str:
         """program.md under one "Research direction" heading: its own if it has one."""
@@ -412,20 +440,23 @@ class _LLMOperator:
         """`build(context) -> prompt`; the context is trimmed until the prompt fits the model."""
         if not self.active:
             return Refusal(self.name, "token budget spent")
-        model = self._model(rng)
-        record = {"operator": self.name, "model": model, "parents": [p.id for p in parents],
+        model, weights = self._model(rng)
+        record = {"operator": self.name, "model": model, "weights": weights, "parents": [p.id for p in parents],
                   "started_at": round(time.time(), 3), "requests": [], "messages": []}
         try:
             messages, max_tokens = self._fit(build, context, model, min_reply, record)
             code, hypothesis, usage = self._converse(messages, model, read, max_tokens, min_reply, record)
         except LLMFailure as e:
             record.update(outcome="cancelled" if e.cancelled else "outage" if e.outage else "refused", reason=str(e))
+            if record["requests"] and not (e.cancelled or e.outage):  # the model was asked and let us down
+                self.client.usage.answered(model, usable=False)
             self._save(record)
             return Refusal(self.name, str(e), outage=e.outage, cancelled=e.cancelled)
         details = {**extra, "llm": {**usage, **({"fit": record["fit"]} if "fit" in record else {})}}
         result = checked(Proposal(code, self.name, details, hypothesis or "(no hypothesis stated)"), parents[0].code)
         record.update(outcome="proposal" if isinstance(result, Proposal) else "refused",
                       reason=getattr(result, "reason", ""), hypothesis=hypothesis)
+        self.client.usage.answered(model, usable=isinstance(result, Proposal))
         path = self._save(record)
         if path and isinstance(result, Proposal):
             result.details["llm"]["transcript"] = path

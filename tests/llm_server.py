@@ -21,7 +21,8 @@ def completion(text: str, model: str = "scripted") -> dict:
 
 
 class ScriptedServer:
-    """Steps: ("reply", text), ("status", code), ("sleep", seconds[, text]), ("garbage", text).
+    """Steps: ("reply", text), ("status", code), ("sleep", seconds[, text]), ("garbage", text), or
+    a function of the request body that returns one.
     When the script runs out, `default` (a step) answers. A sleep ends early on `wake.set()`
     or when the server stops, so a test never waits for it. `port` 0 picks a free port; give
     one to bring a server up where nothing listened before.
@@ -56,6 +57,8 @@ class ScriptedServer:
                 with server.lock:
                     server.requests.append(body)
                     step = server.script.pop(0) if server.script else server.default
+                if callable(step):  # a step chosen by the request, e.g. by its model
+                    step = step(body)
                 kind = step[0]
                 if kind == "sleep":
                     server.wake.wait(step[1])

@@ -499,3 +499,39 @@ def test_connection_errors_are_still_retried(tmp_path):
     result = LLMEdit(settings, tmp_path).propose([parent()], random.Random(0))
     assert result.outage and "after 3 attempts" in result.reason
     assert [r.get("error", "") for r in transcripts(tmp_path)[0]["requests"]][0].startswith("connection failed")
+
+
+# ---- models weighted by their yield ----
+
+def by_model(body: dict):
+    return ("reply", GOOD_EDIT) if body["model"] == "good" else ("reply", "I would rather not.")
+
+
+def test_model_weights_follow_recent_yield_with_a_floor_and_survive_a_resume(tmp_path):
+    with ScriptedServer([], default=by_model) as server:
+        op = operator(server, tmp_path, models={"good": 1.0, "bad": 1.0})
+        assert op.weights() == {"good": 0.5, "bad": 0.5}
+        rng = random.Random(3)
+        results = [op.propose([parent()], rng) for _ in range(40)]
+        weights = op.weights()
+        LLMClient._clients.clear()  # a resumed run reads the yields back from llm_usage.json
+        resumed = operator(server, tmp_path, models={"good": 1.0, "bad": 1.0}).weights()
+    chosen = [r.details["llm"]["model"] if isinstance(r, Proposal) else "bad" for r in results]
+    assert chosen[20:].count("good") > 3 * chosen[20:].count("bad")
+    assert weights["good"] > 0.9 and weights["bad"] == llm.YIELD_FLOOR  # never zero: it can recover
+    assert resumed == weights
+    saved = json.loads((tmp_path / "llm_usage.json").read_text())["yield"]
+    assert set(saved["bad"]) == {0} and 0 < len(saved["bad"]) <= llm.YIELD_WINDOW and len(saved["good"]) == llm.YIELD_WINDOW
+
+
+def test_outages_do_not_count_against_a_models_yield_and_weights_can_stay_fixed(tmp_path):
+    with ScriptedServer([("status", 503)] * 3) as server:
+        op = operator(server, tmp_path, models={"a": 1.0, "b": 3.0})
+        assert op.propose([parent()], random.Random(0)).outage
+        assert op.weights() == {"a": 0.5, "b": 1.5}
+    LLMClient._clients.clear()
+    with ScriptedServer([], default=("reply", "no")) as server:
+        fixed = operator(server, tmp_path / "fixed", models={"a": 1.0, "b": 3.0}, adapt_weights=False)
+        for _ in range(3):
+            fixed.propose([parent()], random.Random(0))
+        assert fixed.weights() == {"a": 1.0, "b": 3.0}
