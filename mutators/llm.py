@@ -53,7 +53,7 @@ TRANSCRIPT_TEXT_LIMIT = 40_000  # characters kept of any one message in a saved 
 ASSUMED_CONTEXT_TOKENS = 8192  # when neither the config nor the server's model listing gives one
 CHARS_PER_TOKEN = 3.5  # prompt size estimate: a little below the usual 4, since code packs tighter
 MESSAGE_OVERHEAD_TOKENS = 8  # per chat message (role, separators)
-SAFETY_TOKENS = 64  # kept free of prompt and reply, for the estimate's error
+SAFETY_TOKENS = 64  # kept free of prompt and reply, for the estimate's error: this or 5% of the context
 MIN_DIFF_REPLY_TOKENS = 1024  # the least room worth asking for SEARCH/REPLACE edits in
 YIELD_WINDOW = 20  # a model's last this many answered proposals make its recent yield
 YIELD_FLOOR = 0.1  # a model's weight never falls below this share of its configured weight
@@ -375,7 +375,7 @@ class _LLMOperator:
             messages = [{"role": "system", "content": template("system.md").substitute()},
                         {"role": "user", "content": build(context)}]
             prompt = estimate_tokens(messages)
-            room = limit - prompt - SAFETY_TOKENS
+            room = limit - prompt - _margin(limit)
             if room >= min(min_reply, self.settings.max_tokens):
                 break
             kind = next((k for k in ("ideas", "failures", "relatives") if getattr(context, k)), None)
@@ -428,7 +428,7 @@ class _LLMOperator:
                 hint = ("Give the whole new file again in one ```python fenced block." if read is whole_file
                         else "Copy SEARCH text exactly from the parent shown above.")
                 messages = messages + [{"role": "user", "content": template("retry.md").substitute(error=str(e), hint=hint)}]
-                room = limit - estimate_tokens(messages) - SAFETY_TOKENS
+                room = limit - estimate_tokens(messages) - _margin(limit)
                 if room < min(min_reply, self.settings.max_tokens):
                     raise LLMFailure(f"reply unusable ({e}), and the model's context ({limit} tokens) has no room "
                                      "left for a retry") from None
@@ -470,6 +470,10 @@ class _LLMOperator:
             return self.client.save_transcript(self.name, record)
         except OSError:
             return ""
+
+
+def _margin(context_tokens: int) -> int:
+    return max(SAFETY_TOKENS, context_tokens // 20)
 
 
 def estimate_tokens(messages: list[dict]) -> int:
