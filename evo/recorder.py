@@ -154,11 +154,9 @@ class Recorder:
             self.changed()
 
     def top_refusals(self, limit: int = 3) -> str:
-        """The most common refusal reasons over all operators, for a message that says why."""
-        flat = [(count, f"{operator}: {reason}") for operator, reasons in self.counters.refusals.items()
-                for reason, count in reasons.items()]
-        flat.sort(reverse=True)
-        return "; ".join(f"{text} (x{count})" for count, text in flat[:limit])
+        """The most common refusal reasons of each operator, for a message that says why:
+        "llm: connection failed (...) (x12); perturb: child is identical to its parent (x3)"."""
+        return "; ".join(f"{operator}: {reasons}" for operator, reasons in refusal_summary(self.counters.refusals, limit))
 
     # ---- results ----
     def record(self, individual: Individual, result: RunResult) -> None:
@@ -238,6 +236,19 @@ class Recorder:
         """Kill this machine's processes of evaluations that were in flight when the engine died."""
         tokens = [i.run_token for i in self.population.pending()] + [r.token for r in self.guard.queue]
         return sum(processes.kill_by_token(t) for t in tokens if t)
+
+
+def refusal_summary(refusals: dict, limit: int = 3) -> list[tuple[str, str]]:
+    """(operator, "reason (xN), reason (xM)") for each operator that refused anything, the
+    operators with the most refusals first, each with its `limit` most common reasons."""
+    ranked = sorted(refusals.items(), key=lambda item: (-sum(item[1].values()), item[0]))
+    out = []
+    for operator, reasons in ranked:
+        top = sorted(reasons.items(), key=lambda item: (-item[1], item[0]))[:limit]
+        more = len(reasons) - len(top)
+        out.append((operator, ", ".join(f"{reason} (x{count})" for reason, count in top)
+                    + (f", and {more} other reason{'s' * (more > 1)}" if more > 0 else "")))
+    return out
 
 
 def _rng_to_json(state) -> list:

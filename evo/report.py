@@ -8,7 +8,7 @@ from pathlib import Path
 
 from evo.breeder import effective_weights
 from evo.config import load_config
-from evo.recorder import RECENT_OUTCOMES, Counters
+from evo.recorder import RECENT_OUTCOMES, Counters, refusal_summary
 from evo.guard import Guard
 from evo.population import Population
 from evo.progress import clock
@@ -117,8 +117,17 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
             weight = f"   {configured[name]:g} -> {effective[name]:.2f} ({share:.0%} of draws)"
         lines.append(f"  {name:<14} {counters.proposed.get(name, 0):>9} {refused:>8} {len(members):>10} "
                      f"{sum(i.evaluated_ok for i in members):>5} {counters.improved.get(name, 0):>9}{weight}")
+    lines += _refusal_lines(counters)
     lines += _llm_lines(store, population)
     return "\n".join(lines)
+
+
+def _refusal_lines(counters: Counters, limit: int = 3) -> list[str]:
+    """Why each operator refused, most common reasons first."""
+    summary = refusal_summary(counters.refusals, limit)
+    if not summary:
+        return []
+    return ["", f"refusal reasons (top {limit} per operator):"] + [f"  {name}: {reasons}" for name, reasons in summary]
 
 
 def _llm_lines(store: RunStore, population: Population) -> list[str]:

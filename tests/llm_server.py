@@ -21,14 +21,20 @@ def completion(text: str, model: str = "scripted") -> dict:
 
 
 class ScriptedServer:
-    """Steps: ("reply", text), ("status", code), ("sleep", seconds[, text]), ("garbage", text).
+    """Steps: ("reply", text), ("status", code), ("sleep", seconds[, text]), ("garbage", text), or
+    a function of the request body that returns one.
     When the script runs out, `default` (a step) answers. A sleep ends early on `wake.set()`
     or when the server stops, so a test never waits for it. `port` 0 picks a free port; give
-    one to bring a server up where nothing listened before."""
+    one to bring a server up where nothing listened before.
 
-    def __init__(self, script=(), default=("status", 503), port: int = 0):
+    `GET /v1/models` answers `{"data": models}` when `models` (a list of model entries) is
+    given, else 404 (as many servers do); `listings` counts those requests."""
+
+    def __init__(self, script=(), default=("status", 503), port: int = 0, models: list[dict] | None = None):
         self.script = list(script)
         self.default = default
+        self.models = models
+        self.listings = 0
         self.requests: list[dict] = []
         self.lock = threading.Lock()
         self.wake = threading.Event()
@@ -38,11 +44,21 @@ class ScriptedServer:
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):
+                with server.lock:
+                    server.listings += 1
+                if self.path.rstrip("/").endswith("/models") and server.models is not None:
+                    self._send(200, json.dumps({"object": "list", "data": server.models}).encode())
+                else:
+                    self._send(404, json.dumps({"error": {"message": "not found"}}).encode())
+
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests.append(body)
                     step = server.script.pop(0) if server.script else server.default
+                if callable(step):  # a step chosen by the request, e.g. by its model
+                    step = step(body)
                 kind = step[0]
                 if kind == "sleep":
                     server.wake.wait(step[1])
@@ -60,7 +76,10 @@ class ScriptedServer:
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (a timeout test)
+                    pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

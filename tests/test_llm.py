@@ -53,6 +53,7 @@ def fast_backoff(monkeypatch):
 
 def operator(server, tmp_path, cls=LLMEdit, **settings) -> LLMEdit:
     base = dict(base_url=server.base_url, models={"model-a": 1.0}, timeout=2.0, retries=2, api_key_env="EVO_TEST_KEY")
+    tmp_path.mkdir(parents=True, exist_ok=True)  # the run directory
     return cls(LLMSettings(**{**base, **settings}), tmp_path)
 
 
@@ -97,7 +98,7 @@ def test_a_second_bad_reply_is_a_counted_refusal(tmp_path):
     ([("status", 429)] * 3, "rate limited (HTTP 429), after 3 attempts", True),
     ([("status", 400)], "request rejected (HTTP 400)", False),
     ([("status", 503), ("status", 400)], "request rejected (HTTP 400)", False),
-    ([("sleep", 3.0)] * 3, "timeout after 2s", True),
+    ([("sleep", 3.0)] * 3, "timeout after 2s", False),
 ])
 def test_faults_are_refusals_with_reasons_and_only_the_servers_are_outages(tmp_path, script, words, outage):
     with ScriptedServer(script) as server:
@@ -295,3 +296,242 @@ def test_max_outage_minutes_is_an_llm_setting_that_must_be_positive(tmp_path):
         load_config(path)
     path.write_text("mutators:\n  llm:\n    max_outage_minutes: 2.5\n")
     assert load_config(path).mutators.llm.max_outage_minutes == 2.5
+
+
+# ---- what the model was asked and answered ----
+
+def transcripts(run_dir: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run_dir / "llm").glob("*.json"))]
+
+
+def test_each_proposal_saves_its_prompt_and_reply_or_error_under_the_run_directory(tmp_path):
+    with ScriptedServer([("reply", GOOD_EDIT), ("status", 400)]) as server:
+        op = operator(server, tmp_path)
+        proposal = op.propose([parent()], random.Random(0))
+        refusal = op.propose([parent()], random.Random(0))
+    assert isinstance(proposal, Proposal) and isinstance(refusal, Refusal)
+    assert sorted(p.name for p in (tmp_path / "llm").iterdir()) == ["00001-llm.json", "00002-llm.json"]
+    assert proposal.details["llm"]["transcript"] == "llm/00001-llm.json"
+    good, bad = transcripts(tmp_path)
+    assert good["model"] == "model-a" and good["operator"] == "llm" and good["parents"] == ["v00001"]
+    assert [m["role"] for m in good["messages"]] == ["system", "user", "assistant"]
+    assert PARENT in good["messages"][1]["content"] and good["messages"][2]["content"] == GOOD_EDIT
+    assert good["outcome"] == "proposal" and good["usage"]["total_tokens"] == 120 and good["usage"]["latency_s"] >= 0
+    assert good["requests"][0]["max_tokens"] == 4096 and good["hypothesis"].startswith("a larger learning rate")
+    assert bad["outcome"] == "refused" and "HTTP 400" in bad["reason"] and "HTTP 400" in bad["requests"][0]["error"]
+    assert [m["role"] for m in bad["messages"]] == ["system", "user"]  # what was asked, though nothing came back
+
+
+def test_a_retry_is_saved_with_both_replies_and_the_error_shown(tmp_path):
+    with ScriptedServer([("reply", MISSING_EDIT), ("reply", GOOD_EDIT)]) as server:
+        operator(server, tmp_path).propose([parent()], random.Random(0))
+    (saved,) = transcripts(tmp_path)
+    assert [m["role"] for m in saved["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert "does not appear" in saved["requests"][0]["error"] and "error" not in saved["requests"][1]
+    assert saved["usage"]["total_tokens"] == 240
+
+
+def test_saved_transcripts_are_capped_and_numbering_continues_after_a_resume(tmp_path):
+    huge = PARENT + "\n".join(f"X{n} = {n}  # padding" for n in range(20_000)) + "\n"
+    with ScriptedServer([("status", 400)] * 2) as server:
+        operator(server, tmp_path, context_tokens=1_000_000).propose([parent(huge)], random.Random(0))
+        LLMClient._clients.clear()  # a resumed run: a new client over the same run directory
+        operator(server, tmp_path, context_tokens=1_000_000).propose([parent(huge)], random.Random(0))
+    assert sorted(p.name for p in (tmp_path / "llm").iterdir()) == ["00001-llm.json", "00002-llm.json"]
+    assert len(huge) > 400_000
+    for path in (tmp_path / "llm").iterdir():
+        assert path.stat().st_size < 2 * llm.TRANSCRIPT_TEXT_LIMIT + 20_000
+    assert "characters left out" in transcripts(tmp_path)[0]["messages"][1]["content"]
+
+
+# ---- why proposals were refused ----
+
+def test_refusal_reasons_are_shown_per_operator_and_tell_a_closed_port_from_a_long_prompt(tmp_path):
+    from types import SimpleNamespace
+
+    from evo.recorder import Counters, Recorder
+    from evo.report import _refusal_lines
+
+    (tmp_path / "a").mkdir()
+    closed = LLMEdit(LLMSettings(base_url=f"http://127.0.0.1:{free_port()}/v1", retries=0, timeout=2.0), tmp_path / "a")
+    down = closed.propose([parent()], random.Random(0))
+    with ScriptedServer([("reply", GOOD_EDIT)]) as server:
+        small = operator(server, tmp_path / "b", cls=LLMCrossover, context_tokens=200)
+        too_long = small.propose([parent(), Parent("v00002", PARENT.replace("4", "5"), 2.4)], random.Random(0))
+        assert server.requests == []  # never sent: it could only have been rejected
+    counters = Counters(refusals={
+        "llm": {down.reason: 4, "reply unusable after a retry: no SEARCH/REPLACE blocks found": 1},
+        "llm_crossover": {too_long.reason: 2},
+        "perturb": {"child is identical to its parent": 1},
+    })
+    top = Recorder.top_refusals(SimpleNamespace(counters=counters))
+    assert top.startswith("llm: connection failed") and "(x4)" in top
+    assert "; llm_crossover: prompt does not fit the model's context" in top and "context_tokens" in top
+    assert "; perturb: child is identical to its parent (x1)" in top
+    lines = _refusal_lines(counters)
+    assert lines[1] == "refusal reasons (top 3 per operator):"
+    assert lines[2].startswith("  llm: connection failed") and "no SEARCH/REPLACE" in lines[2]
+    assert lines[3].startswith("  llm_crossover: prompt does not fit")
+    assert _refusal_lines(Counters()) == []
+    many = Counters(refusals={"llm": {f"reason {n}": n for n in range(1, 6)}})
+    assert _refusal_lines(many)[2] == "  llm: reason 5 (x5), reason 4 (x4), reason 3 (x3), and 2 other reasons"
+
+
+# ---- prompts ----
+
+def test_whole_file_retry_asks_for_the_whole_file_not_search_text(tmp_path):
+    rewrite = "HYPOTHESIS: rewrite\n```python\n" + PARENT.replace("DEPTH = 4", "DEPTH = 6") + "```\n"
+    with ScriptedServer([("reply", "HYPOTHESIS: x\nno code here"), ("reply", rewrite)]) as server:
+        result = operator(server, tmp_path, edit_format="full").propose([parent()], random.Random(0))
+        retry = server.requests[1]["messages"][-1]["content"]
+    assert isinstance(result, Proposal)
+    assert "SEARCH" not in retry and "whole new file" in retry and "no ```python block" in retry
+
+
+def test_diff_retry_still_asks_for_exact_search_text(tmp_path):
+    with ScriptedServer([("reply", MISSING_EDIT), ("reply", GOOD_EDIT)]) as server:
+        operator(server, tmp_path).propose([parent()], random.Random(0))
+        assert "Copy SEARCH text exactly" in server.requests[1]["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize("cls", [LLMEdit, LLMCrossover])
+def test_the_research_direction_heading_appears_once(tmp_path, cls):
+    merged = "HYPOTHESIS: m\n```python\n" + PARENT.replace("DEPTH = 4", "DEPTH = 3") + "```"
+    plain = tmp_path / "plain.md"
+    plain.write_text("Try smaller models.\n")
+    for n, program in enumerate(("program.md", str(plain))):
+        LLMClient._clients.clear()
+        with ScriptedServer([("reply", GOOD_EDIT if cls is LLMEdit else merged)]) as server:
+            settings = LLMSettings(base_url=server.base_url, models={"m": 1.0}, timeout=2.0)
+            (tmp_path / f"run{n}").mkdir()
+            cls(settings, tmp_path / f"run{n}", program_path=program).propose(
+                [parent(), Parent("v00002", PARENT.replace("4", "5"), 2.4)][: cls.parents_needed], random.Random(0))
+            prompt = server.requests[0]["messages"][1]["content"]
+        assert prompt.count("# Research direction") == 1, prompt[:300]
+        assert prompt.startswith("# Research direction")
+
+
+# ---- the prompt fits the model ----
+
+def big_context() -> Context:
+    tail = "Traceback (most recent call last):\n" + "  File train.py, line 9\n" * 40
+    return Context(
+        relatives=[Relative(f"v0001{n}", PARENT.replace("DEPTH = 4", f"DEPTH = {n}"), 2.3, 1) for n in range(2)],
+        failures=[Failure(f"v0002{n}", "crash", "exit 1", tail, f"failure idea {n}") for n in range(3)],
+        ideas=[Idea("perturb", f"idea number {n} " + "x" * 60, "crash") for n in range(30)],
+    )
+
+
+def test_a_small_context_drops_old_ideas_first_and_caps_max_tokens(tmp_path):
+    with ScriptedServer([("reply", GOOD_EDIT)] * 2) as server:
+        roomy = operator(server, tmp_path / "roomy", context_tokens=100_000).propose([parent()], random.Random(0), big_context())
+        LLMClient._clients.clear()
+        tight = operator(server, tmp_path / "tight", context_tokens=3500).propose([parent()], random.Random(0), big_context())
+        full, small = server.requests
+    assert isinstance(roomy, Proposal) and "fit" not in roomy.details["llm"]
+    assert full["max_tokens"] == 4096
+    assert isinstance(tight, Proposal)
+    fit = tight.details["llm"]["fit"]
+    assert fit["context_tokens"] == 3500 and fit["context_from"] == "mutators.llm.context_tokens"
+    assert small["max_tokens"] == fit["max_tokens"] < 4096
+    assert fit["prompt_tokens_estimate"] + fit["max_tokens"] <= 3500
+    assert len(small["messages"][1]["content"]) < len(full["messages"][1]["content"])
+    assert "idea number 0 " in small["messages"][1]["content"]  # the newest idea stays
+    assert "idea number 29 " not in small["messages"][1]["content"]  # the oldest goes first
+    assert fit["dropped"] == {"ideas": fit["dropped"]["ideas"]} and 1 <= fit["dropped"]["ideas"] < 30
+    assert (tmp_path / "tight" / "llm" / "00001-llm.json").is_file()
+
+
+def test_failures_then_relatives_go_when_dropping_ideas_is_not_enough(tmp_path):
+    with ScriptedServer([("reply", GOOD_EDIT)]) as server:
+        result = operator(server, tmp_path, context_tokens=2300).propose([parent()], random.Random(0), big_context())
+        assert isinstance(result, Proposal), result
+        prompt = server.requests[0]["messages"][1]["content"]
+    fit = result.details["llm"]["fit"]
+    assert fit["dropped"] == {"ideas": 30, "failures": 3}  # the relatives stay
+    assert "idea number" not in prompt and "failure idea" not in prompt and "v00011" in prompt
+    assert server.requests[0]["max_tokens"] == fit["max_tokens"] <= 2300 - fit["prompt_tokens_estimate"]
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_sending_and_says_why(tmp_path):
+    with ScriptedServer([("reply", GOOD_EDIT)]) as server:
+        result = operator(server, tmp_path, context_tokens=600).propose([parent()], random.Random(0), big_context())
+        assert server.requests == []
+    assert isinstance(result, Refusal) and not result.outage
+    assert "prompt does not fit the model's context" in result.reason and "600 tokens" in result.reason
+    (saved,) = transcripts(tmp_path)
+    assert saved["outcome"] == "refused" and saved["requests"] == []
+
+
+@pytest.mark.parametrize("models, expected, source", [
+    ([{"id": "model-a", "object": "model", "max_model_len": 3000}], 3000, "max_model_len"),  # vLLM
+    ([{"id": "whatever.gguf", "object": "model", "meta": {"n_ctx_train": 3000}}], 3000, "n_ctx_train"),  # llama.cpp
+    ([{"id": "model-a", "object": "model"}], llm.ASSUMED_CONTEXT_TOKENS, "assumed"),
+    (None, llm.ASSUMED_CONTEXT_TOKENS, "assumed"),  # no listing at all
+])
+def test_the_context_length_comes_from_the_servers_model_listing(tmp_path, models, expected, source):
+    with ScriptedServer([("reply", GOOD_EDIT)] * 2, models=models) as server:
+        op = operator(server, tmp_path)
+        op.propose([parent()], random.Random(0), big_context())
+        op.propose([parent()], random.Random(0), big_context())
+        bodies = server.requests
+        listings = server.listings
+    saved = transcripts(tmp_path)[0]["context"]
+    assert saved["context_tokens"] == expected and source in saved["context_from"]
+    assert listings == 1  # asked once per model, even when the server has no listing
+    if expected == 3000:
+        assert bodies[0]["max_tokens"] < 4096
+
+
+# ---- a slow server ----
+
+def test_a_read_timeout_is_final_exactly_one_request_is_sent(tmp_path):
+    with ScriptedServer([], default=("sleep", 30.0, GOOD_EDIT)) as server:
+        result = operator(server, tmp_path, timeout=1.0, retries=3).propose([parent()], random.Random(0))
+        assert len(server.requests) == 1
+    assert isinstance(result, Refusal) and not result.outage and not result.cancelled
+    assert "timeout after 1s" in result.reason and "not sent again" in result.reason
+    assert transcripts(tmp_path)[0]["outcome"] == "refused"
+
+
+def test_connection_errors_are_still_retried(tmp_path):
+    settings = LLMSettings(base_url=f"http://127.0.0.1:{free_port()}/v1", retries=2, timeout=2.0)
+    result = LLMEdit(settings, tmp_path).propose([parent()], random.Random(0))
+    assert result.outage and "after 3 attempts" in result.reason
+    assert [r.get("error", "") for r in transcripts(tmp_path)[0]["requests"]][0].startswith("connection failed")
+
+
+# ---- models weighted by their yield ----
+
+def by_model(body: dict):
+    return ("reply", GOOD_EDIT) if body["model"] == "good" else ("reply", "I would rather not.")
+
+
+def test_model_weights_follow_recent_yield_with_a_floor_and_survive_a_resume(tmp_path):
+    with ScriptedServer([], default=by_model) as server:
+        op = operator(server, tmp_path, models={"good": 1.0, "bad": 1.0})
+        assert op.weights() == {"good": 0.5, "bad": 0.5}
+        rng = random.Random(3)
+        results = [op.propose([parent()], rng) for _ in range(40)]
+        weights = op.weights()
+        LLMClient._clients.clear()  # a resumed run reads the yields back from llm_usage.json
+        resumed = operator(server, tmp_path, models={"good": 1.0, "bad": 1.0}).weights()
+    chosen = [r.details["llm"]["model"] if isinstance(r, Proposal) else "bad" for r in results]
+    assert chosen[20:].count("good") > 3 * chosen[20:].count("bad")
+    assert weights["good"] > 0.9 and weights["bad"] == llm.YIELD_FLOOR  # never zero: it can recover
+    assert resumed == weights
+    saved = json.loads((tmp_path / "llm_usage.json").read_text())["yield"]
+    assert set(saved["bad"]) == {0} and 0 < len(saved["bad"]) <= llm.YIELD_WINDOW and len(saved["good"]) == llm.YIELD_WINDOW
+
+
+def test_outages_do_not_count_against_a_models_yield_and_weights_can_stay_fixed(tmp_path):
+    with ScriptedServer([("status", 503)] * 3) as server:
+        op = operator(server, tmp_path, models={"a": 1.0, "b": 3.0})
+        assert op.propose([parent()], random.Random(0)).outage
+        assert op.weights() == {"a": 0.5, "b": 1.5}
+    LLMClient._clients.clear()
+    with ScriptedServer([], default=("reply", "no")) as server:
+        fixed = operator(server, tmp_path / "fixed", models={"a": 1.0, "b": 3.0}, adapt_weights=False)
+        for _ in range(3):
+            fixed.propose([parent()], random.Random(0))
+        assert fixed.weights() == {"a": 1.0, "b": 3.0}
