@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import select
 import sys
 from pathlib import Path
@@ -243,6 +244,11 @@ def _main(argv: list[str] | None) -> int:
     if argv[:1] == ["prepare"]:
         return _cmd_prepare(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
+    if args.command in ("run", "resume"):
+        # A shell starting `evo run ... &` (or nohup) leaves SIGINT ignored, and Python then keeps
+        # it so: Ctrl-C's clean stop would be lost, and `kill -INT PID` too, which is how the
+        # run-directory lock tells people to stop an engine. Take it back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     from evo.config import ConfigError
     from evo.executors import ExecutorUnavailable
     from evo.lock import RunLocked

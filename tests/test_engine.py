@@ -97,9 +97,11 @@ def _wait_inside_a_run(ledger: Path, timeout: float = 60) -> None:
     raise AssertionError("no variant started running")
 
 
-def _evo(*args) -> subprocess.Popen:
+def _evo(*args, sigint_ignored: bool = False) -> subprocess.Popen:
+    # A shell's `evo run ... &` or nohup starts it with SIGINT ignored; evo must take it back.
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     return subprocess.Popen([sys.executable, "-m", "evo.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=ignore)
 
 
 @pytest.mark.slow
@@ -142,9 +144,10 @@ def test_kill_9_at_several_points_loses_nothing_and_runs_nothing_twice(setup_run
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_cleanly_and_resume_finishes(setup_run):
+@pytest.mark.parametrize("started", ["in the foreground", "with SIGINT ignored (nohup, &)"])
+def test_ctrl_c_stops_cleanly_and_resume_finishes(setup_run, started):
     config_path, run_dir, ledger = setup_run(max_evaluations=4, sleep=3.0)
-    engine = _evo("run", str(config_path))
+    engine = _evo("run", str(config_path), sigint_ignored=started != "in the foreground")
     _wait_for_evaluations(run_dir, 1)
     time.sleep(1.5)  # the second evaluation is sleeping
     tokens = run_tokens(run_dir)  # recorded in the checkpoint before it started
