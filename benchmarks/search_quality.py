@@ -1,0 +1,186 @@
+"""Does a population find better train.py files than the alternatives, for the same evaluations?
+
+    python benchmarks/search_quality.py [--evaluations 20] [--budget 10] [--repeats 2] [--reruns 5]
+                                        [--gain 0.02] [--methods greedy random optuna evo] [--data-dir DIR]
+
+On the CPU seed, with the same offline operators (perturb, optuna, crossover) and the real runner
+(sealed evaluator, sandbox where available), each method gets `--evaluations` evaluations:
+  greedy  autoresearch's rule: propose from the current best, keep the child if it is better;
+  random  best of N proposals, each from the seed;
+  optuna  Optuna TPE alone on the seed's constants;
+  evo     the engine with configs/default.yaml's operators, population and guard (guard re-runs
+          are extra runs, counted and shown).
+For each method and repeat: the final champion's true quality (the mean of `--reruns` fresh runs
+with new seeds, on val and on held-out), the evaluations it took to first reach `--gain` below
+the seed's val_bpb, and the share of evaluations wasted (duplicates, failures, timeouts).
+The table goes to stdout in Markdown, ready for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import prepare  # noqa: E402
+from evo.config import load_config  # noqa: E402
+from evo.population import normalized_hash  # noqa: E402
+from evo.runs import start_run  # noqa: E402
+from evo.store import RunStore  # noqa: E402
+from mutators.base import Parent, Refusal  # noqa: E402
+from mutators.constants import PerturbConstants  # noqa: E402
+from mutators.crossover import Crossover  # noqa: E402
+from mutators.optuna_op import OptunaProposals  # noqa: E402
+from trainer.evaluator import Evaluator  # noqa: E402
+from trainer.runner import RunSettings, run_variant, use_sandbox  # noqa: E402
+
+SEED_FILE = ROOT / "trainer" / "train_cpu.py"
+RERUN_SEEDS = 5000  # fresh seeds for the final re-runs, never used during a search
+
+
+class Evaluations:
+    """The real runner with one warm evaluator; records every evaluation in order."""
+
+    def __init__(self, args, folder: Path):
+        self.args, self.folder = args, folder
+        self.sandboxed = use_sandbox("auto")
+        self.evaluator = Evaluator("cpu", None, None, self.sandboxed, folder / "evaluator.log")
+        self.history: list[tuple[str, float | None]] = []  # (status, val_bpb)
+        self.count = 0
+
+    def run(self, code: str, seed: int = 0, heldout: bool = False, record: bool = True):
+        self.count += 1
+        settings = RunSettings(time_budget=self.args.budget, seed=seed, data_dir=self.args.data_dir,
+                               heldout=heldout, seq_len=prepare.DEFAULT_SEQ_LEN, eval_tokens=16384,
+                               startup_grace=30.0, eval_grace=60.0, sandbox="bubblewrap" if self.sandboxed else "none")
+        result = run_variant(code, settings, self.folder / f"e{self.count:05d}", evaluator=self.evaluator)
+        if record:
+            self.history.append((result.status, result.val_bpb))
+        return result
+
+    def close(self):
+        self.evaluator.close()
+
+
+def _offline_operators(folder: Path, seed: int):
+    return {"perturb": PerturbConstants(2), "optuna": OptunaProposals(folder / "optuna.journal", seed=seed),
+            "crossover": Crossover(3)}
+
+
+def _search(method: str, evals: Evaluations, n: int, rng: random.Random, folder: Path) -> tuple[str, dict]:
+    """A baseline's loop; returns the champion's code and its waste counts."""
+    seed_code = SEED_FILE.read_text()
+    seed_val = evals.run(seed_code).val_bpb
+    ops = _offline_operators(folder, rng.getrandbits(32))
+    best_code, best_val, earlier = seed_code, seed_val, [seed_code]
+    seen, waste = {normalized_hash(seed_code)}, {"duplicates": 0, "refused": 0, "failed": 0}
+    while len(evals.history) < n:
+        if method == "optuna":
+            name = "optuna"
+        else:
+            name = rng.choices(["perturb", "optuna", "crossover"], [1.0, 1.0, 0.5])[0]
+        base = best_code if method == "greedy" else seed_code
+        parents = [Parent("a", base, best_val if method == "greedy" else seed_val)]
+        if name == "crossover":
+            others = [c for c in earlier if c != base]
+            if not others:
+                continue
+            parents.append(Parent("b", rng.choice(others), None))
+        proposal = ops[name].propose(parents, random.Random(rng.getrandbits(64)))
+        if isinstance(proposal, Refusal):
+            waste["refused"] += 1
+            continue
+        if normalized_hash(proposal.code) in seen:
+            waste["duplicates"] += 1
+            if hasattr(ops[name], "feedback"):
+                ops[name].feedback(proposal.details, None, evaluated=False)
+            continue
+        seen.add(normalized_hash(proposal.code))
+        result = evals.run(proposal.code)
+        if hasattr(ops[name], "feedback"):
+            ops[name].feedback(proposal.details, result.val_bpb, evaluated=True)
+        if result.status != "ok":
+            waste["failed"] += 1
+            continue
+        earlier.append(proposal.code)
+        if result.val_bpb < best_val:
+            best_code, best_val = proposal.code, result.val_bpb
+    return best_code, waste
+
+
+def _evo(evals: Evaluations, n: int, seed: int, folder: Path) -> tuple[str, dict]:
+    config = load_config(ROOT / "configs" / "default.yaml", [
+        f"run.dir={folder}", "run.name=evo", f"seed={seed}", f"data.dir={evals.args.data_dir}",
+        f"budget.seconds={evals.args.budget}", f"stopping.max_evaluations={n}", "stopping.max_hours=null",
+        "data.eval_tokens=16384"])
+    engine = start_run(config, ROOT / "configs" / "default.yaml", log=lambda line: None)
+    engine.run()
+    individuals, state = RunStore(engine.store.dir).load()
+    for i in sorted(individuals, key=lambda i: i.birth):
+        evals.history.append((i.status, i.val_bpb))
+    c = state["counters"]
+    champion = state["guard"]["champions"][-1] if state["guard"]["champions"] else engine.population.best().id
+    waste = {"duplicates": c["duplicates"], "refused": sum(sum(r.values()) for r in c["refusals"].values()),
+             "failed": sum(v for k, v in c["by_status"].items() if k != "ok"), "guard_runs": c["guard_runs"]}
+    return engine.store.code(champion), waste
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--evaluations", type=int, default=20)
+    parser.add_argument("--budget", type=float, default=10.0, help="training seconds per evaluation")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--reruns", type=int, default=5, help="fresh runs of each final champion")
+    parser.add_argument("--gain", type=float, default=0.02, help="val_bpb below the seed's first draw to reach")
+    parser.add_argument("--methods", nargs="+", default=["greedy", "random", "optuna", "evo"])
+    parser.add_argument("--data-dir", default=prepare.DATA_DIR)
+    args = parser.parse_args()
+    prepare.verify(args.data_dir)
+    rows = []
+    for repeat in range(args.repeats):
+        for method in args.methods:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = Path(tmp)
+                evals = Evaluations(args, folder)
+                try:
+                    rng = random.Random(1000 * repeat + 7)
+                    if method == "evo":
+                        code, waste = _evo(evals, args.evaluations, repeat, folder)
+                    else:
+                        code, waste = _search(method, evals, args.evaluations, rng, folder)
+                    reruns = [evals.run(code, seed=RERUN_SEEDS + k, heldout=True, record=False)
+                              for k in range(args.reruns)]
+                finally:
+                    evals.close()
+            ok = [r for r in reruns if r.status == "ok"]
+            val = statistics.fmean(r.val_bpb for r in ok) if ok else float("nan")
+            held = statistics.fmean(r.metrics["heldout_bpb"] for r in ok) if ok else float("nan")
+            seed_val = evals.history[0][1]
+            best, reached = float("inf"), None
+            for index, (status, value) in enumerate(evals.history, start=1):
+                if status == "ok" and value is not None:
+                    best = min(best, value)
+                    if reached is None and seed_val is not None and best <= seed_val - args.gain:
+                        reached = index
+            failed = sum(status != "ok" for status, _ in evals.history)
+            wasted = (waste["duplicates"] + failed) / max(1, len(evals.history) + waste["duplicates"])
+            rows.append((method, repeat, len(evals.history), waste.get("guard_runs", 0), val, held, reached, wasted))
+            print(f"# {method} repeat {repeat}: champion re-run val {val:.4f} held-out {held:.4f}, "
+                  f"gain {args.gain} reached at {reached}, wasted {wasted:.0%}", flush=True)
+    print(f"\nCPU seed, {args.budget:g} s per evaluation, {args.evaluations} evaluations per method, "
+          f"{args.reruns} fresh re-runs of each champion\n")
+    print("| method | repeat | evaluations | guard re-runs | champion val (re-run mean) | champion held-out | "
+          f"evaluations to -{args.gain} | wasted |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, repeat, n, guard, val, held, reached, wasted in rows:
+        print(f"| {method} | {repeat} | {n} | {guard} | {val:.4f} | {held:.4f} | {reached or 'not reached'} | {wasted:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
