@@ -39,7 +39,7 @@ COOLDOWN_FRAC = 0.5
 FINAL_LR_FRAC = 0.0
 GRAD_CLIP = 1.0
 UNTIMED_STEPS = 10  # evo: fixed. Compile/warm-up steps the schedule does not count; evo's clock does (budget.startup_grace)
-COMPILE = True
+COMPILE = True  # evo: fixed (how the run executes, not what it learns)
 EVAL_BATCH_SIZE = 32  # evo: fixed
 LOG_EVERY = 25  # evo: fixed
 
