@@ -41,20 +41,25 @@ def _in_flight(ledger) -> int:
 
 
 @pytest.mark.slow
-def test_a_run_on_a_two_node_cluster_survives_losing_a_node_mid_job(ray_cluster, setup_run):
+def test_a_run_on_a_two_node_cluster_survives_losing_a_node_mid_job(ray_cluster, setup_run, tmp_path):
     cluster, worker = ray_cluster
+    # The nodes' data directory starts empty: the first node builds it with the run's settings,
+    # and both check it against the run's fingerprint before their first job.
+    node_data = tmp_path / "node-data"
     config_path, run_dir, ledger = setup_run(
         max_evaluations=5, sleep=4.0,
-        executor={"kind": "ray", "address": cluster.address, "gpus_per_job": 0, "cpus_per_job": 1})
+        executor={"kind": "ray", "address": cluster.address, "gpus_per_job": 0, "cpus_per_job": 1,
+                  "data_dir": str(node_data)})
     lines = []
     engine = start_run(load_config(config_path), config_path, log=lines.append)
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("reason", engine.run()))
     runner.start()
     deadline = time.monotonic() + 300
-    while _in_flight(ledger) < 2 and time.monotonic() < deadline:  # one job on each node
+    while _in_flight(ledger) < 2 and time.monotonic() < deadline and runner.is_alive():  # one job on each node
         time.sleep(0.1)
-    assert _in_flight(ledger) == 2, "the cluster never ran two jobs at once"
+    ledger_text = ledger.read_text() if ledger.exists() else "(no ledger)"
+    assert _in_flight(ledger) == 2, ("the cluster never ran two jobs at once", outcome, lines, ledger_text)
     cluster.remove_node(worker, allow_graceful=False)  # the worker node dies with its job
     runner.join(timeout=600)
     assert not runner.is_alive()
@@ -69,6 +74,7 @@ def test_a_run_on_a_two_node_cluster_survives_losing_a_node_mid_job(ray_cluster,
         folder = run_dir / "variants" / individual.id
         assert (folder / "result.json").is_file() and (folder / "log.txt").read_text().startswith("[ran on Ray node")
     assert any(line.startswith("ray: 2 node(s)") for line in lines)
+    assert (node_data / "meta.json").is_file()  # built on a node, with the run's fingerprint
 
 
 @pytest.mark.slow
