@@ -817,7 +817,10 @@ def _probe(forward, x: torch.Tensor, logits: torch.Tensor, vocab_size: int, dono
         start = rng.randrange(0, donors.size - T)
         donor = torch.from_numpy(donors[start : start + T].astype(np.int64)).to(x.device)
         if j in cuts:
-            changed[j, cuts[j]:] = donor[cuts[j]:]
+            cut = cuts[j]
+            if cut < T and donor[cut] == x[j, cut]:  # a common token (a newline) drawn again would hide a
+                donor[cut] = (donor[cut] + 1) % vocab_size  # model that reads exactly one position ahead
+            changed[j, cut:] = donor[cut:]
         elif replace_others:
             changed[j] = donor
     after = logits_of(forward, changed, vocab_size)
