@@ -131,6 +131,54 @@ def _evo(evals: Evaluations, n: int, seed: int, folder: Path) -> tuple[str, dict
     return engine.store.code(champion), waste
 
 
+def _first_reaching(history, level: float | None) -> int | None:
+    """The 1-based evaluation at which the best first draw so far is at or below `level`."""
+    best = float("inf")
+    for index, (status, value) in enumerate(history, start=1):
+        if status == "ok" and value is not None:
+            best = min(best, value)
+            if level is not None and best <= level:
+                return index
+    return None
+
+
+def _best_first_draw(history) -> float | None:
+    values = [value for status, value in history if status == "ok" and value is not None]
+    return min(values) if values else None
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and v == v]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _run_method(method: str, repeat: int, args) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        evals = Evaluations(args, folder)
+        try:
+            rng = random.Random(1000 * repeat + 7)
+            if method == "evo":
+                code, waste = _evo(evals, args.evaluations, repeat, folder)
+            else:
+                code, waste = _search(method, evals, args.evaluations, rng, folder)
+            reruns = [evals.run(code, seed=RERUN_SEEDS + k, heldout=True, record=False)
+                      for k in range(args.reruns)]
+        finally:
+            evals.close()
+    ok = [r for r in reruns if r.status == "ok"]
+    history = evals.history
+    failed = sum(status != "ok" for status, _ in history)
+    return {
+        "method": method, "repeat": repeat, "history": history, "evaluations": len(history),
+        "guard_runs": waste.get("guard_runs", 0),
+        "val": _mean([r.val_bpb for r in ok]), "val_sd": statistics.stdev([r.val_bpb for r in ok]) if len(ok) > 1 else 0.0,
+        "heldout": _mean([r.metrics["heldout_bpb"] for r in ok]),
+        "reached": _first_reaching(history, history[0][1] - args.gain if history and history[0][1] else None),
+        "wasted": (waste["duplicates"] + failed) / max(1, len(history) + waste["duplicates"]),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--evaluations", type=int, default=20)
@@ -144,42 +192,33 @@ def main() -> None:
     prepare.verify(args.data_dir)
     rows = []
     for repeat in range(args.repeats):
+        greedy_final = None  # greedy's best first draw after all its evaluations, in this repeat
         for method in args.methods:
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = Path(tmp)
-                evals = Evaluations(args, folder)
-                try:
-                    rng = random.Random(1000 * repeat + 7)
-                    if method == "evo":
-                        code, waste = _evo(evals, args.evaluations, repeat, folder)
-                    else:
-                        code, waste = _search(method, evals, args.evaluations, rng, folder)
-                    reruns = [evals.run(code, seed=RERUN_SEEDS + k, heldout=True, record=False)
-                              for k in range(args.reruns)]
-                finally:
-                    evals.close()
-            ok = [r for r in reruns if r.status == "ok"]
-            val = statistics.fmean(r.val_bpb for r in ok) if ok else float("nan")
-            held = statistics.fmean(r.metrics["heldout_bpb"] for r in ok) if ok else float("nan")
-            seed_val = evals.history[0][1]
-            best, reached = float("inf"), None
-            for index, (status, value) in enumerate(evals.history, start=1):
-                if status == "ok" and value is not None:
-                    best = min(best, value)
-                    if reached is None and seed_val is not None and best <= seed_val - args.gain:
-                        reached = index
-            failed = sum(status != "ok" for status, _ in evals.history)
-            wasted = (waste["duplicates"] + failed) / max(1, len(evals.history) + waste["duplicates"])
-            rows.append((method, repeat, len(evals.history), waste.get("guard_runs", 0), val, held, reached, wasted))
-            print(f"# {method} repeat {repeat}: champion re-run val {val:.4f} held-out {held:.4f}, "
-                  f"gain {args.gain} reached at {reached}, wasted {wasted:.0%}", flush=True)
+            row = _run_method(method, repeat, args)
+            if method == "greedy":
+                greedy_final = _best_first_draw(row["history"])
+            row["to_greedy"] = _first_reaching(row["history"], greedy_final)
+            rows.append(row)
+            print(f"# {method} repeat {repeat}: champion re-run val {row['val']:.4f} held-out {row['heldout']:.4f}, "
+                  f"gain {args.gain} reached at {row['reached']}, greedy's final first draw reached at "
+                  f"{row['to_greedy']}, wasted {row['wasted']:.0%}, guard re-runs {row['guard_runs']}", flush=True)
     print(f"\nCPU seed, {args.budget:g} s per evaluation, {args.evaluations} evaluations per method, "
-          f"{args.reruns} fresh re-runs of each champion\n")
-    print("| method | repeat | evaluations | guard re-runs | champion val (re-run mean) | champion held-out | "
-          f"evaluations to -{args.gain} | wasted |")
-    print("|---|---|---|---|---|---|---|---|")
-    for method, repeat, n, guard, val, held, reached, wasted in rows:
-        print(f"| {method} | {repeat} | {n} | {guard} | {val:.4f} | {held:.4f} | {reached or 'not reached'} | {wasted:.0%} |")
+          f"{args.reruns} fresh re-runs of each champion (val, and held-out)\n")
+    print("| method | repeat | evaluations | guard re-runs | champion val (re-run mean ± sd) | champion held-out | "
+          f"evaluations to -{args.gain} | evaluations to greedy's final | wasted |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['repeat']} | {r['evaluations']} | {r['guard_runs']} | {r['val']:.4f} ± {r['val_sd']:.4f} | "
+              f"{r['heldout']:.4f} | {r['reached'] or 'not reached'} | {r['to_greedy'] or 'not reached'} | {r['wasted']:.0%} |")
+    print("\nMeans over repeats (\"not reached\" counts as evaluations + 1):\n")
+    print("| method | champion val | champion held-out | evaluations to gain | evaluations to greedy's final | wasted | runs incl. guard |")
+    print("|---|---|---|---|---|---|---|")
+    for method in args.methods:
+        mine = [r for r in rows if r["method"] == method]
+        late = args.evaluations + 1
+        print(f"| {method} | {_mean(r['val'] for r in mine):.4f} | {_mean(r['heldout'] for r in mine):.4f} | "
+              f"{_mean(r['reached'] or late for r in mine):.1f} | {_mean(r['to_greedy'] or late for r in mine):.1f} | "
+              f"{_mean(r['wasted'] for r in mine):.0%} | {_mean(r['evaluations'] + r['guard_runs'] for r in mine):.1f} |")
 
 
 if __name__ == "__main__":
