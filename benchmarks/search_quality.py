@@ -2,6 +2,7 @@
 
     python benchmarks/search_quality.py [--evaluations 20] [--budget 10] [--repeats 2] [--reruns 5]
                                         [--gain 0.02] [--methods greedy random optuna evo] [--data-dir DIR]
+                                        [--keep DIR]
 
 On the CPU seed, with the same offline operators (perturb, optuna, crossover) and the real runner
 (sealed evaluator, sandbox where available), each method gets `--evaluations` evaluations:
@@ -155,6 +156,9 @@ def _mean(values) -> float:
 def _run_method(method: str, repeat: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
+        if args.keep:  # every method's evaluations (evo's whole run directory) stay for a look afterwards
+            folder = Path(args.keep) / f"{method}-{repeat}"
+            folder.mkdir(parents=True, exist_ok=False)
         evals = Evaluations(args, folder)
         try:
             rng = random.Random(1000 * repeat + 7)
@@ -188,6 +192,7 @@ def main() -> None:
     parser.add_argument("--gain", type=float, default=0.02, help="val_bpb below the seed's first draw to reach")
     parser.add_argument("--methods", nargs="+", default=["greedy", "random", "optuna", "evo"])
     parser.add_argument("--data-dir", default=prepare.DATA_DIR)
+    parser.add_argument("--keep", help="keep each method's folder under this directory (evo's is a run directory)")
     args = parser.parse_args()
     prepare.verify(args.data_dir)
     rows = []
