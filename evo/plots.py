@@ -34,7 +34,8 @@ def progress(evaluations: list[dict], champions: list[dict], end_minutes: float)
     """val_bpb of every evaluation over time, with the champion's re-run mean (± std) and held-out."""
     figure, ax = plt.subplots(figsize=(10, 4.5))
     scored = [e["val_bpb"] for e in evaluations if e["val_bpb"] is not None]
-    ceiling = max(scored) if scored else 1.0
+    # Failures have no score: they sit in a band just above the worst one.
+    ceiling = max(scored) + 0.05 * ((max(scored) - min(scored)) or 0.1) if scored else 1.0
     for fate, style in FATE_STYLE.items():
         points = [e for e in evaluations if e["fate"] == fate]
         if not points:
