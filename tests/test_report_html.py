@@ -180,3 +180,15 @@ def test_report_renders_in_a_headless_browser_with_every_plot_drawn(finished_run
         region = pixels[top:top + height, left:left + width]
         assert region.size and region.shape[0] > 100, f"{name} sits outside the screenshot ({box})"
         assert region.std() > 10, f"{name}'s region of the screenshot is blank"
+
+
+def test_a_run_without_the_guard_or_without_results_still_gets_a_report(setup_run, tmp_path):
+    engine, run_dir = engine_with(setup_run, FakeExecutor(crashes_far_from_one), max_evaluations=4)
+    empty = write_report(run_dir, tmp_path / "empty").read_text()  # checkpointed, nothing evaluated yet
+    assert "No variant has been evaluated successfully yet." in empty
+    assert len(IMG.findall(empty)) == 2  # both plots are drawn, empty ones saying so
+    engine.run()
+    html = write_report(run_dir, tmp_path / "done").read_text()
+    assert "The guard was off in this run" in html
+    best = read_run(run_dir).population.best()
+    assert f"<h3>{best.id} " in html  # the lineage follows the best first draw when nobody was re-run
