@@ -19,7 +19,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 FATE_STYLE = {  # how each fate of an evaluation is drawn in the progress plot
     "kept": dict(marker="o", color="#1f77b4", label="kept by selection (an island member)"),
     "dropped": dict(marker="o", color="#b0b0b0", label="evaluated, not kept"),
-    "failed": dict(marker="x", color="#d62728", label="failed (drawn at the top edge)"),
+    "failed": dict(marker="x", color="#d62728", label="failed (drawn above the worst score)"),
 }
 ISLAND_COLORS = plt.get_cmap("tab10").colors
 
@@ -57,7 +57,7 @@ def progress(evaluations: list[dict], champions: list[dict], end_minutes: float)
     ax.set_title("val_bpb of every evaluation")
     ax.grid(alpha=0.3)
     if evaluations or champions:
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
     else:
         ax.text(0.5, 0.5, "no evaluation has finished yet", ha="center", va="center", transform=ax.transAxes)
     return _png(figure)
