@@ -66,7 +66,8 @@ def _finish_run(engine, how: str) -> int:
     output.print(status_text(run_dir))
     if engine.population.best() is not None:
         out = export(run_dir)
-        output.print(f"\nresults: {run_dir}\nbest variant exported to: {out}/train.py (metadata.json, seed.diff beside it)")
+        output.print(f"\nresults: {run_dir}\nbest variant exported to: {out}/train.py (metadata.json, seed.diff beside it)"
+                     f"\nplots and lineage: evo report {run_dir}")
     failure = seed_failure(engine.population, engine.store)
     if failure is not None:
         print(f"evo: error: {failure}", file=sys.stderr)
@@ -137,6 +138,14 @@ def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
 
     out = export(args.run_dir, args.out)
     print(f"exported to {out}: train.py, metadata.json, seed.diff")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
+    from evo.report_html import write_report
+
+    page = write_report(args.run_dir, args.out)
+    print(f"report written to {page} (self-contained: open it in a browser; the plots are also beside it as PNGs)")
     return 0
 
 
@@ -217,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
     p.set_defaults(handler=_cmd_export)
+
+    p = sub.add_parser("report", help="write report.html: plots, the champion's lineage with diffs, guard verdicts, operators")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
+    p.set_defaults(handler=_cmd_report)
     return parser
 
 

@@ -18,10 +18,11 @@ from trainer.files import write_atomic
 
 def load_population(store: RunStore) -> tuple[Population, Counters, Guard]:
     individuals, state = store.load()
-    population = Population(1, len(individuals) or 1)
+    config = load_config(store.dir / "config.yaml")
+    population = Population(config.population.islands, config.population.size)  # members() as the engine saw them
     for individual in individuals:
         population.add(individual)
-    config = load_config(store.dir / "config.yaml")
+    population.migrants = state.get("migrants", population.migrants)
     guard = Guard(config.guard, log=lambda line: None)
     if "guard" in state:
         guard.restore(state["guard"])

@@ -5,19 +5,27 @@
 # EVO_TORCH_SPEC (e.g. EVO_TORCH_SPEC='torch==2.14.1').
 # bubblewrap (the sandbox around each variant) is installed with apt-get where this runs as root
 # on Debian/Ubuntu; elsewhere evo says how to install it and runs variants unsandboxed meanwhile.
+# chromium (only for the browser test of `evo report`) is installed the same way, or that test skips.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
-if ! command -v bwrap >/dev/null 2>&1; then
+# apt_install PACKAGE WHAT_FOR WITHOUT_IT: install a Debian package as root, else say how and what is lost.
+apt_install() {
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing bubblewrap (the sandbox evo runs variants in)"
-    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 ||
-      { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1; }; } ||
-      echo "setup: could not install bubblewrap; variants will run unsandboxed until it is installed" >&2
+    echo "setup: installing $1 ($2)"
+    { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$1" >/dev/null 2>&1; }; } ||
+      echo "setup: could not install $1; $3" >&2
   else
-    echo "setup: bubblewrap is not installed, so variants will run unsandboxed (evo warns once per run)." >&2
-    echo "       Install it for the sandbox: sudo apt-get install bubblewrap (or dnf/pacman install bubblewrap)" >&2
+    echo "setup: $1 is not installed, so $3." >&2
+    echo "       Install it: sudo apt-get install $1 (or dnf/pacman install $1)" >&2
   fi
+}
+if ! command -v bwrap >/dev/null 2>&1; then
+  apt_install bubblewrap "the sandbox evo runs variants in" "variants will run unsandboxed until it is installed (evo warns once per run)"
+fi
+if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/null 2>&1; then
+  apt_install chromium "the tests open evo report's page in it" "the browser test of evo report will skip"
 fi
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
