@@ -962,9 +962,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def build_arg_parser(prog: str = "prepare.py") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="prepare.py",
+        prog=prog,
         description="Build evo's data directory: corpus, train/val/heldout splits, BPE tokenizer, tokens.",
     )
     p.add_argument("--source", default="embedded",
@@ -979,8 +979,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "prepare.py") -> int:
+    args = build_arg_parser(prog).parse_args(argv)
     settings = PrepareSettings(
         source=args.source, vocab_size=args.vocab_size, text_column=args.text_column,
         hf_split=args.hf_split, max_bytes=args.max_bytes,

@@ -8,13 +8,16 @@ import os
 import signal
 import select
 import sys
+import tempfile
+from contextlib import nullcontext
+from importlib import metadata
 from pathlib import Path
 
 import prepare
 
 
 def _cmd_prepare(args: argparse.Namespace, rest: list[str]) -> int:
-    return prepare.main(rest)
+    return prepare.main(rest, prog="evo prepare")
 
 
 def _cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
@@ -35,12 +38,25 @@ def _cmd_eval(args: argparse.Namespace, rest: list[str]) -> int:
         eval_grace=args.eval_grace, memory_limit_mb=args.memory_limit_mb or None, evaluation=args.evaluation,
         sandbox=args.sandbox,
     )
-    result = run_variant(path.read_text(), settings, run_dir=args.run_dir)
+    # Without --run-dir the evaluation's folder is temporary: removed afterwards, on failure and Ctrl-C too.
+    with tempfile.TemporaryDirectory(prefix="evo-eval-") if args.run_dir is None else nullcontext(args.run_dir) as run_dir:
+        result = run_variant(path.read_text(), settings, run_dir=run_dir)
+    if args.run_dir is None:
+        result.run_dir = "(temporary, removed; pass --run-dir DIR to keep train.py, log and metrics)"
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(format_result(result))
     return 0 if result.status == "ok" else 1
+
+
+def _run_defaults():
+    """What `evo run configs/default.yaml` evaluates with, so `evo eval` scores a file the same way."""
+    from evo.config import Config, load_config
+    from evo.runs import PACKAGE_ROOT
+
+    path = PACKAGE_ROOT / "configs" / "default.yaml"
+    return load_config(path) if path.is_file() else Config()
 
 
 def _finish_run(engine, how: str) -> int:
@@ -66,7 +82,7 @@ def _finish_run(engine, how: str) -> int:
     output.print(status_text(run_dir))
     if engine.population.best() is not None:
         out = export(run_dir)
-        output.print(f"\nresults: {run_dir}\nbest variant exported to: {out}/train.py (metadata.json, seed.diff beside it)"
+        output.print(f"\nresults: {run_dir}\nchampion exported to: {out}/train.py (metadata.json, seed.diff beside it)"
                      f"\nplots and lineage: evo report {run_dir}")
     failure = seed_failure(engine.population, engine.store)
     if failure is not None:
@@ -177,8 +193,18 @@ def _default_memory_limit_mb() -> float:
     return 0.75 * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _version() -> str:
+    try:
+        return metadata.version("evo")
+    except metadata.PackageNotFoundError:
+        return "(version unknown: not installed; pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evo", description="Evolve ML training scripts.")
+    parser.add_argument("--version", action="version", version=f"evo {_version()}")
+    run_defaults = _run_defaults()
+    budget, data = run_defaults.budget, run_defaults.data
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("prepare", add_help=False, help="build the data directory (runs prepare.py; see evo prepare --help)")
@@ -187,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="run one variant through the isolated runner and print its result record")
     p.add_argument("file", help="the variant, a train.py file")
     p.add_argument("--seed", type=int, default=0, help="EVO_SEED (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=60.0, help="training seconds (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=budget.seconds, help="training seconds (default: %(default)s, as configs/default.yaml)")
     p.add_argument("--device", default=prepare.DEVICE, help="cuda, cpu or mps (default: %(default)s)")
     p.add_argument("--data-dir", default=prepare.DATA_DIR, help="prepared data (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=prepare.MAX_SEQ_LEN, help="evaluation context (default: %(default)s)")
-    p.add_argument("--eval-tokens", type=int, default=prepare.EVAL_TOKENS, help="validation tokens scored (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=data.seq_len, help="evaluation context (default: %(default)s)")
+    p.add_argument("--eval-tokens", type=int, default=data.eval_tokens, help="validation tokens scored (default: %(default)s)")
     p.add_argument("--heldout", action="store_true", help="also score the held-out split")
-    p.add_argument("--startup-grace", type=float, default=60.0, help="allowance past the budget before the variant is killed as over_budget (default: %(default)s)")
-    p.add_argument("--eval-grace", type=float, default=60.0, help="seconds the evaluator may take to score (default: %(default)s)")
+    p.add_argument("--startup-grace", type=float, default=budget.startup_grace, help="allowance past the budget before the variant is killed as over_budget (default: %(default)s)")
+    p.add_argument("--eval-grace", type=float, default=budget.eval_grace, help="seconds the evaluator may take to score (default: %(default)s)")
     p.add_argument("--memory-limit-mb", type=float, default=_default_memory_limit_mb(),
                    help="kill the variant above this memory, all its processes counted; 0: none (default: 3/4 of RAM, %(default).0f)")
     p.add_argument("--evaluation", choices=("sealed", "in_process"), default="sealed",
@@ -211,19 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=override_help)
     p.set_defaults(handler=_cmd_run)
 
+    run_dir_help = "a run directory, <run.dir>/<run.name>, e.g. runs/default"
     p = sub.add_parser("resume", help="continue a run from its checkpoint")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=override_help + "; e.g. raise stopping.max_evaluations to extend a finished run")
     p.set_defaults(handler=_cmd_resume)
 
-    p = sub.add_parser("status", help="best variants, counts by status and operator, time used")
-    p.add_argument("run_dir")
+    p = sub.add_parser("status", help="champion, best variants, failures, counts by status and operator, time used")
+    p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--top", type=int, default=5, help="how many of the best to list (default: %(default)s)")
     p.set_defaults(handler=_cmd_status)
 
-    p = sub.add_parser("export", help="write the best variant's train.py, metadata.json and a diff against the seed")
-    p.add_argument("run_dir")
+    p = sub.add_parser("export", help="write the champion's train.py, metadata.json and a diff against the seed")
+    p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
     p.set_defaults(handler=_cmd_export)
 

@@ -138,6 +138,8 @@ class GuardSection(Section):
     z: float = Field(2.0, ge=0, description="a candidate must beat the champion's mean by more than z * sigma ...")
     min_delta: float = Field(0.002, ge=0, description="... and by at least this much val_bpb (also the minimum mean gain)")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided Welch test")
+    min_sigma: float = Field(0.001, gt=0, description="the smallest noise the guard assumes (val_bpb std): re-runs that "
+                             "all give the same number (a seed that does not learn) never make a difference significant")
     alarm_window: int = Field(3, ge=2, description="champions looked at by the overfitting alarm")
     transfer_multiplier: float | None = Field(None, gt=1, description="re-run new and previous champion at this x budget; null: off")
     transfer_runs: int = Field(1, ge=1, description="runs of each at the larger budget")
@@ -194,7 +196,9 @@ class Config(Section):
         return value
 
 
-def _format_errors(error: ValidationError, source: str) -> str:
+def _format_errors(error: ValidationError, source: str, overrides: dict[str, str] | None = None) -> str:
+    """One line per problem, naming the key; a problem in a --set override is blamed on the override."""
+    overrides = overrides or {}
     lines = [f"invalid configuration ({source}):"]
     for e in error.errors():
         path = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -205,10 +209,14 @@ def _format_errors(error: ValidationError, source: str) -> str:
                 parent = field.annotation if field and isinstance(field.annotation, type) else None
                 if parent is None:
                     break
-            allowed = f"; allowed here: {', '.join(parent.model_fields)}" if parent else ""
-            lines.append(f"  {path}: unknown key{allowed}")
+            problem = "unknown key" + (f"; allowed here: {', '.join(parent.model_fields)}" if parent else "")
         else:
-            lines.append(f"  {path}: {e['msg']} (got {e.get('input')!r})")
+            problem = f"{e['msg']} (got {e.get('input')!r})"
+        culprit = next((a for key, a in overrides.items() if path == key or path.startswith(key + ".")), None)
+        if culprit is None:
+            lines.append(f"  {path}: {problem}")
+        else:
+            lines.append(f"  {path}: {problem}. This came from your override --set {culprit}, not the file: fix or drop it")
     return "\n".join(lines)
 
 
@@ -222,7 +230,8 @@ def apply_override(data: dict, assignment: str) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment!r}: {part} is not a section")
+            raise ConfigError(f"--set {assignment!r}: {part} is not a section, so it has no key {parts[-1]!r}. "
+                              "Fix or drop that --set")
     node[parts[-1]] = yaml.safe_load(raw)
 
 
@@ -245,7 +254,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        # Later --set of the same key wins, as in apply_override.
+        by_key = {a.partition("=")[0]: a for a in overrides}
+        raise ConfigError(_format_errors(e, source, by_key)) from None
 
 
 def dump_config(config: Config) -> str:

@@ -28,7 +28,7 @@ from evo.executors import Executor, make_executor
 from evo.guard import Guard, GuardRun
 from evo.jobs import CHILD, Job, JobLost
 from evo.population import Individual
-from evo.progress import Snapshot, clock
+from evo.progress import Snapshot, clock, standing
 from evo.recorder import Counters, Recorder
 from evo.store import RunStore
 from mutators import registry
@@ -66,6 +66,7 @@ class Engine:
         self._guard_runs: dict[str, GuardRun] = {}  # job token -> the guard's run
         self._lost: list[Job] = []  # jobs whose machine went away: first in line again
         self._stop_asked: str | None = None
+        self._draining = False  # a soft stop was reached: no more children, guard work finishes
 
     def stop(self, why: str) -> None:
         """Ask the run to stop as soon as it can (thread-safe): a hard stop, everything stays queued."""
@@ -151,6 +152,8 @@ class Engine:
                 self.recorder.checkpoint()  # recorded with its token before it runs: resume can sweep it
                 job = self._guard_job(run)
                 self._guard_runs[job.token] = run
+                self.log(f"guard: {run.kind} run of {run.individual} started (seed {run.seed}); "
+                         f"{len(self.guard.queue)} more guard run(s) queued")
                 return job
             if not children_allowed:
                 return None
@@ -225,6 +228,7 @@ class Engine:
                         self._stop_everything(why)
                         break
                     reason = reason or why
+                    self._draining = True
                 self._fill(children_allowed=reason is None)
                 stuck = self.breeder.fruitless >= FRUITLESS_BREEDS and not self._in_flight
                 if reason is None and self.population.best() is not None and not stuck:
@@ -294,7 +298,11 @@ class Engine:
                 individual = self.population.individuals[job.individual]
                 self.recorder.record(individual, result)
             else:
-                self.recorder.record_guard(self._guard_runs.pop(job.token), result)
+                run = self._guard_runs.pop(job.token)
+                self.recorder.record_guard(run, result)
+                value = f"val_bpb {result.val_bpb:.4f}" if result.val_bpb is not None else result.reason[:120]
+                # The val number only: held-out numbers never reach a log (logs may reach an LLM).
+                self.log(f"guard: {run.kind} run of {run.individual} finished: {result.status} {value}")
             self.recorder.checkpoint()
         if job.kind == CHILD:
             if individual.operator != "seed":
@@ -345,32 +353,45 @@ class Engine:
 
     # ---- what a person sees ----
     def snapshot(self) -> Snapshot:
-        best = self.population.best()
         s = self.config.stopping
         elapsed = self.elapsed_seconds()
+        guard_left = len(self.guard.queue) + len(self.guard.running)
         left = []
         if s.max_hours is not None:
             left.append(max(0.0, s.max_hours * 3600 - elapsed))
-        if s.max_evaluations is not None and self.counters.evaluations:
-            per_evaluation = elapsed / self.counters.evaluations  # parallel workers already in it
-            left.append(max(0, s.max_evaluations - self.counters.evaluations) * per_evaluation)
+        jobs_done = self.counters.evaluations + self.counters.guard_runs
+        if s.max_evaluations is not None and jobs_done:
+            per_job = elapsed / jobs_done  # parallel workers already in it; guard runs cost as much as children
+            in_flight = sum(job.kind == CHILD for job in self._in_flight.values())
+            children_left = in_flight if self._draining else max(0, s.max_evaluations - self.counters.evaluations)
+            left.append((children_left + guard_left) * per_job)
+        text, champion_id = self.standing()
         return Snapshot(
-            done=self.counters.evaluations, limit=s.max_evaluations,
-            best=self.population.score(best) if best else None, best_id=best.id if best else None,
-            best_label=self.population.score_label(best) if best else "",
+            done=self.counters.evaluations, limit=s.max_evaluations, standing=text, champion_id=champion_id,
             busy=len(self._in_flight), workers=self.executor.capacity() if self.executor else 0, elapsed=elapsed,
-            time_left=min(left) if left else None, note=self.breeder.note(),
+            time_left=min(left) if left else None, note=self.breeder.note(), guard_left=guard_left,
         )
 
+    def standing(self) -> tuple[str, str | None]:
+        """The "champion ... | best first draw ..." text (progress.standing) and the champion's id."""
+        record = self.guard.champion if self.config.guard.enabled else None
+        if record is not None:
+            stats = record.stats()
+            champion_id, value = record.id, stats["val_mean"] if stats else record.first_val
+            label = "re-run mean" if stats else "first draw, re-runs pending"
+        else:  # no guard: the champion is simply the best first draw
+            best = self.population.best()
+            champion_id, value, label = (best.id, best.val_bpb, "first draw") if best else (None, None, "")
+        evaluated = [i for i in list(self.population.individuals.values()) if i.evaluated_ok]
+        first = min(evaluated, key=lambda i: (i.val_bpb, i.birth)) if evaluated else None
+        return standing(champion_id, value, label, first.id if first else None, first.val_bpb if first else None), champion_id
+
     def _report(self, individual: Individual) -> None:
-        best = self.population.best()
         total = self.config.stopping.max_evaluations
         value = f"{individual.val_bpb:.4f}" if individual.val_bpb is not None else "-"
-        best_text = (f"({self.population.score_label(best)}) {self.population.score(best):.4f} ({best.id})"
-                     if best else "-")
         self.log(
             f"[{self.counters.evaluations}{'/' + str(total) if total else ''}] {individual.id} "
-            f"{individual.operator:<8} {individual.status:<10} val_bpb {value}  best {best_text}  "
+            f"{individual.operator:<8} {individual.status:<10} val_bpb {value}  | {self.standing()[0]} |  "
             f"workers busy {len(self._in_flight)}/{self.executor.capacity()}  {clock(self.elapsed_seconds())}"
             + (f"  | {individual.hypothesis}" if individual.hypothesis else "")
         )

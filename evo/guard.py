@@ -10,7 +10,10 @@
 Every guard run is a job for the same workers as the children. The guard owns its runs: queued,
 in flight (`running`), and back in the queue when one is cancelled or its machine is lost; all
 of them are in the checkpoint, so resume finishes every verdict.
-Held-out numbers live only here: never in an individual's metrics, selection, or a prompt.
+Held-out numbers live only here: never in an individual's metrics or a prompt. They do veto
+promotions, so selection does touch them: every such decision is counted (`heldout_consulted`),
+and the count is shown beside every held-out number. A held-out split consulted often slowly
+becomes a second validation split (Dwork et al., "The reusable holdout", 2015).
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class Guard:
         self.champions: list[str] = []  # ids, oldest first; the last is the champion
         self.next_seed = 1000  # re-run seeds never collide with the evaluation seed
         self.deferred: list[tuple[str, float]] = []  # candidates seen before the floor was known
+        self.heldout_consulted = 0  # promotion decisions that looked at held-out numbers
 
     # ---- state ----
     def to_state(self) -> dict:
@@ -86,6 +90,7 @@ class Guard:
             "records": {k: asdict(r) for k, r in self.records.items()},
             "queue": [asdict(j) for j in self.running + self.queue],  # in flight goes back to the queue
             "champions": self.champions, "next_seed": self.next_seed, "deferred": self.deferred,
+            "heldout_consulted": self.heldout_consulted,
         }
 
     def restore(self, state: dict) -> None:
@@ -100,16 +105,29 @@ class Guard:
         self.champions = state["champions"]
         self.next_seed = state["next_seed"]
         self.deferred = [tuple(d) for d in state["deferred"]]
+        self.heldout_consulted = state.get("heldout_consulted", 0)  # runs from before it was counted: 0
 
     # ---- decisions ----
     @property
     def champion(self) -> Record | None:
         return self.records[self.champions[-1]] if self.champions else None
 
-    def sigma(self) -> float | None:
+    def measured_sigma(self) -> float | None:
+        """The spread of the seed's noise runs, as measured (may be 0)."""
         seed = self.records.get(self.champions[0]) if self.champions else None
         stats = seed.stats() if seed and len(seed.ok()) >= 2 else None
         return stats["val_std"] if stats else None
+
+    def sigma(self) -> float | None:
+        """The noise floor the guard decides with: never below min_sigma, so a floor of 0 (identical
+        noise runs) cannot let every difference pass as significant."""
+        measured = self.measured_sigma()
+        return None if measured is None else max(measured, self.s.min_sigma)
+
+    def heldout_note(self) -> str:
+        """Said beside every held-out number: how often selection has already looked at it."""
+        n = self.heldout_consulted
+        return f"(held-out consulted for {n} promotion decision{'s' * (n != 1)})"
 
     def _seed_jobs(self, individual_id: str, kind: str, count: int, multiplier: float = 1.0) -> None:
         for _ in range(count):
@@ -169,6 +187,11 @@ class Guard:
         if len(record.samples) < record.expected:
             return []
         if job.kind == NOISE:
+            measured = self.measured_sigma()
+            if measured is not None and measured < self.s.min_sigma:
+                self.log(f"guard: WARNING: the seed's {len(record.ok())} noise runs differ by only {measured:.6f} val_bpb "
+                         f"(sigma {measured:.4f}); the guard assumes guard.min_sigma={self.s.min_sigma:g} instead. Identical "
+                         "numbers usually mean the seed did not learn (see the untrained score) or ignores EVO_SEED.")
             ready, self.deferred = self.deferred, []
             return ready
         self._decide(record)
@@ -182,16 +205,16 @@ class Guard:
             self.log(f"guard: {candidate.id} not promoted: {candidate.verdict}")
             return
         cand, champ = candidate.stats(), champion.stats()
-        candidate.p_value = welch_less([s.val_bpb for s in ok], [s.val_bpb for s in champion_ok])
+        candidate.p_value = welch_less([s.val_bpb for s in ok], [s.val_bpb for s in champion_ok], self.s.min_sigma)
         cand["p_value"] = candidate.p_value
         if candidate.p_value >= self.s.alpha:
             candidate.verdict = "not significant"
         elif champ["val_mean"] - cand["val_mean"] < self.s.min_delta:
             candidate.verdict = "gain below min_delta"
-        elif cand["held_mean"] >= champ["held_mean"]:
-            candidate.verdict = "held-out disagrees"
         else:
-            candidate.verdict = "promoted"
+            self.heldout_consulted += 1  # the one decision that looks at held-out numbers
+            candidate.verdict = "held-out disagrees" if cand["held_mean"] >= champ["held_mean"] else "promoted"
+        if candidate.verdict == "promoted":
             previous = champion.id
             self.champions.append(candidate.id)
             if self.s.transfer_multiplier:

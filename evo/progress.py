@@ -10,14 +10,25 @@ from dataclasses import dataclass
 class Snapshot:
     done: int
     limit: int | None
-    best: float | None
-    best_id: str | None
+    standing: str  # champion and best first draw, in the words of `standing` below
     busy: int
     workers: int
     elapsed: float
     time_left: float | None  # None: unknown
     note: str = ""  # e.g. an LLM server that is down and being retried
-    best_label: str = ""  # which number `best` is: "re-run mean" or "first draw"
+    guard_left: int = 0  # guard runs queued or in flight (noise runs, re-runs, transfers)
+    champion_id: str | None = None
+
+
+def standing(champion_id: str | None, champion_value: float | None, champion_label: str,
+             first_id: str | None, first_value: float | None) -> str:
+    """The two numbers a run reports, one word each (README, "Reading the output"):
+    champion: the guard's promoted variant, its re-run mean (or its first draw before re-runs);
+    best first draw: the lowest single evaluation, which may be a lucky draw the guard refused."""
+    champion = (f"champion {champion_value:.4f} ({champion_id}, {champion_label})"
+                if champion_id is not None and champion_value is not None else "champion -")
+    first = f"best first draw {first_value:.4f} ({first_id})" if first_id is not None else "best first draw -"
+    return f"{champion} | {first}"
 
 
 def clock(seconds: float) -> str:
@@ -27,10 +38,9 @@ def clock(seconds: float) -> str:
 
 def status_line(s: Snapshot) -> str:
     done = f"{s.done}/{s.limit}" if s.limit else str(s.done)
-    best = f"{s.best:.4f} ({s.best_id})" if s.best is not None else "-"
-    label = f" ({s.best_label})" if s.best_label else ""
     left = clock(s.time_left) if s.time_left is not None else "?"
-    return (f"evaluations {done} | best{label} val_bpb {best} | workers busy {s.busy}/{s.workers} | "
+    guard = f" | guard runs left {s.guard_left}" if s.guard_left else ""
+    return (f"evaluations {done}{guard} | {s.standing} | workers busy {s.busy}/{s.workers} | "
             f"elapsed {clock(s.elapsed)} | left ~{left}" + (f" | {s.note}" if s.note else ""))
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from evo.explain import evaluation_size, reported_training, untrained_bpb, untrained_warning, vocab_size_of
 from evo.guard import Guard, GuardRun
 from evo.population import Individual, Population, normalized_hash
 from evo.store import RunStore
@@ -58,6 +59,7 @@ class Recorder:
         self._session_start = time.monotonic()
         self._dirty = False
         self._saved_at = time.monotonic()
+        self.vocab_size = vocab_size_of(store.run_info())
 
     # ---- state ----
     def state(self) -> dict:
@@ -183,10 +185,22 @@ class Recorder:
         if individual.operator != "seed":
             self.outcome(individual.operator, IMPROVED if improved else OK if individual.evaluated_ok else FAILED)
         if individual.operator == "seed" and individual.evaluated_ok:
+            self._explain_seed(individual, result)
             self.guard.start(individual.id, individual.val_bpb)
             individual.verdict = "champion" if self.config.guard.enabled else ""
         elif individual.evaluated_ok:
             self.guard.consider(individual.id, individual.val_bpb)
+
+    def _explain_seed(self, seed: Individual, result: RunResult) -> None:
+        """What one evaluation of the seed amounts to, and a loud warning when it did not learn."""
+        log_path = self.store.variant_dir(seed.id) / "log.txt"
+        untrained = untrained_bpb(result.metrics, self.vocab_size)
+        facts = [evaluation_size(result.metrics), reported_training(log_path),
+                 f"untrained score (uniform guess) {untrained:.4f}" if untrained is not None else ""]
+        self.log(f"seed {seed.id}: val_bpb {seed.val_bpb:.4f}; " + "; ".join(f for f in facts if f))
+        warning = untrained_warning(f"the seed {seed.id}", seed.val_bpb, result.metrics, self.vocab_size, log_path)
+        if warning:
+            self.log("!" * 80 + "\n" + warning + "\n" + "!" * 80)
 
     def record_guard(self, run: GuardRun, result: RunResult) -> None:
         self.counters.guard_runs += 1

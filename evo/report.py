@@ -8,6 +8,7 @@ from pathlib import Path
 
 from evo.breeder import effective_weights
 from evo.config import load_config
+from evo.explain import evaluation_size, reported_training, untrained_warning, vocab_size_of
 from evo.recorder import RECENT_OUTCOMES, Counters, refusal_summary
 from evo.guard import Guard
 from evo.population import Population
@@ -49,23 +50,26 @@ def trust_note(metrics_json: str) -> str:
     return f"  [{'; '.join(notes)}]" if notes else ""
 
 
-def champion_lines(population: Population, guard: Guard) -> list[str]:
+def champion_lines(population: Population, guard: Guard, store: RunStore | None = None) -> list[str]:
     champion, stats = champion_of(population, guard)
     if champion is None:
         return ["champion: none yet"]
+    lines = _untrained_lines(population, guard, store, champion, stats)
     if stats is None:
         return [f"champion: {champion.id}, first draw val_bpb {champion.val_bpb:.4f} (not re-run: no noise floor yet)"
-                + trust_note(champion.metrics)]
+                + trust_note(champion.metrics)] + lines
     p = f", p={stats['p_value']:.3g}" if stats["p_value"] is not None else " (the seed)"
     lines = [
         f"champion: {champion.id} ({champion.operator}){p}" + trust_note(champion.metrics),
         f"  val_bpb  {stats['val_mean']:.4f} ± {stats['val_std']:.4f} over n={stats['n']} re-runs"
         + (f"; first draw {stats['first_val']:.4f}, gap {stats['first_draw_gap']:+.4f}" if stats["first_val"] is not None else ""),
-        f"  held-out {stats['held_mean']:.4f} ± {stats['held_std']:.4f}",
-    ]
-    sigma = guard.sigma()
-    if sigma is not None:
-        lines.append(f"  noise floor: sigma {sigma:.4f} val_bpb between seeds of the unchanged seed variant")
+        f"  held-out {stats['held_mean']:.4f} ± {stats['held_std']:.4f} {guard.heldout_note()}",
+    ] + lines
+    measured = guard.measured_sigma()
+    if measured is not None:
+        floored = (f"; below guard.min_sigma, so the guard uses {guard.sigma():.4f}: identical noise runs cannot "
+                   "make a difference significant") if measured < guard.s.min_sigma else ""
+        lines.append(f"  noise floor: sigma {measured:.4f} val_bpb between seeds of the unchanged seed variant{floored}")
     if len(guard.champions) > 1:
         lines.append("  champions so far: " + " -> ".join(guard.champions))
     verdicts = [r for r in guard.records.values() if r.verdict and r.verdict not in ("champion", "promoted")]
@@ -75,6 +79,34 @@ def champion_lines(population: Population, guard: Guard) -> list[str]:
     if alarm:
         lines.append("  " + alarm)
     lines += ["  " + line for line in guard.transfer_summary()]
+    return lines
+
+
+def _untrained_lines(population: Population, guard: Guard, store: RunStore | None, champion, stats) -> list[str]:
+    """How much each evaluation scored, what the champion reports of its training, and a loud
+    warning when the champion (or the seed) is no better than a uniform guess."""
+    if store is None:
+        return []
+    vocab = vocab_size_of(store.run_info())
+    metrics = json.loads(champion.metrics or "{}")
+    log = store.variant_dir(champion.id) / "log.txt"
+    facts = [f for f in (evaluation_size(metrics), reported_training(log)) if f]
+    lines = [f"  each evaluation: {'; '.join(facts)}"] if facts else []
+    value = stats["val_mean"] if stats else champion.val_bpb
+    warning = untrained_warning(f"the champion {champion.id}", value, metrics, vocab, log)
+    return lines + ([f"  {'!' * 78}", f"  {warning}", f"  {'!' * 78}"] if warning else [])
+
+
+def failed_lines(population: Population, limit: int = 10) -> list[str]:
+    """Variants that failed, newest first, each with its status and the start of its reason."""
+    failed = [i for i in population.individuals.values() if i.status not in ("ok", "pending")]
+    failed.sort(key=lambda i: -i.birth)
+    if not failed:
+        return []
+    lines = ["", f"failed variants ({len(failed)}; newest first{f', {limit} shown' if len(failed) > limit else ''}):"]
+    for i in failed[:limit]:
+        reason = " ".join(i.reason.split())
+        lines.append(f"  {i.id:<8} {i.operator:<10} {i.status:<13} {reason[:100] + ('...' if len(reason) > 100 else '')}")
     return lines
 
 
@@ -88,7 +120,7 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
         f"time used: {clock(counters.elapsed_seconds)}   guard re-runs: {counters.guard_runs}   data: {info['data_fingerprint']}"
         + (f"   jobs re-queued after losing their machine: {counters.lost_jobs}" if counters.lost_jobs else ""),
         "",
-        *champion_lines(population, guard),
+        *champion_lines(population, guard, store),
         "",
         "best by selection score (what selection uses: the re-run mean where the guard re-ran it, else the first draw):",
         f"  {'id':<8} {'val_bpb':>9} {'which':<12} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
@@ -99,6 +131,7 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
                      f"{individual.operator:<10} {parent:<8} "
                      f"{individual.verdict:<20} {individual.hypothesis[:60]}{trust_note(individual.metrics)}")
     lines += ["", "by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.by_status.items()))]
+    lines += failed_lines(population)
     pending = population.pending()
     if pending:
         lines.append(f"in flight or queued (re-run on resume): {', '.join(i.id for i in pending)}")
@@ -172,6 +205,7 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         "sandbox": metrics.get("sandbox", "unknown"),
         "val_bpb_is": "mean of the guard's re-runs" if stats else "first draw (never re-run)",
         "guard": stats,
+        "heldout_consulted": guard.heldout_consulted,  # held_mean above was looked at by this many promotion decisions
         "first_draw_val_bpb": champion.val_bpb,
         "metrics": metrics,
         "eval_seed": champion.eval_seed,

@@ -24,7 +24,9 @@ def resolve_seed_file(seed_file: str, config_path: str | Path | None) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise StoreError(f"seed_file {seed_file!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
+    looked = list(dict.fromkeys(str(c.resolve()) for c in candidates))  # a path reached two ways is named once
+    raise StoreError(f"seed_file {seed_file!r} not found (looked in: {', '.join(looked)}). "
+                     "Set seed_file in the config (or --set seed_file=PATH) to an existing train.py.")
 
 
 def start_run(config: Config, config_path: str | Path | None, log: Callable[[str], None] = print) -> Engine:
@@ -35,6 +37,7 @@ def start_run(config: Config, config_path: str | Path | None, log: Callable[[str
     store.create(dump_config(config), seed_path.read_text(), {
         "data_dir": str(data_dir),
         "data_fingerprint": meta["fingerprint"],
+        "vocab_size": meta["vocab_size"],  # for the untrained score (evo/explain.py)
         "prepare_hash": prepare_hash(),
         "seed_file": str(seed_path),
     })

@@ -48,12 +48,16 @@ def t_cdf(t: float, df: float) -> float:
     return 1.0 - tail if t > 0 else tail
 
 
-def welch_less(a: list[float], b: list[float]) -> float:
-    """One-sided Welch t-test p-value for H1: mean(a) < mean(b). Needs two or more of each."""
+def welch_less(a: list[float], b: list[float], min_std: float = 0.0) -> float:
+    """One-sided Welch t-test p-value for H1: mean(a) < mean(b). Needs two or more of each.
+
+    min_std floors each group's standard deviation: a few identical draws say little about the
+    noise, and a spread of exactly 0 would make any difference at all "significant"."""
     if len(a) < 2 or len(b) < 2:
         raise ValueError("Welch's test needs at least two values in each group")
     mean_a, sd_a = mean_std(a)
     mean_b, sd_b = mean_std(b)
+    sd_a, sd_b = max(sd_a, min_std), max(sd_b, min_std)
     var_a, var_b = sd_a**2 / len(a), sd_b**2 / len(b)
     if var_a + var_b == 0:
         return 0.0 if mean_a < mean_b else 1.0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -22,7 +24,7 @@ print(f"val_bpb: {prepare.evaluate_bpb(model, tok, 8):.6f}")
 """
 
 
-def evo(*args, timeout=120):
+def evo(*args, timeout=300):  # generous: a loaded machine takes minutes to start torch, sandbox and evaluator
     return subprocess.run([sys.executable, "-m", "evo.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
@@ -115,3 +117,74 @@ def test_a_run_whose_reader_stops_after_one_line_stops_cleanly(setup_run, tmp_pa
     individuals, state = RunStore(run_dir).load()  # a good checkpoint, nothing running
     assert state["counters"]["evaluations"] < 3 and individuals
     assert not run_processes(run_tokens(run_dir))
+
+
+# ---- small things a new user met (issue 12) ----
+
+def test_version_prog_names_and_run_dir_help():
+    from importlib.metadata import version
+
+    proc = evo("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"evo {version('evo')}"
+    assert evo("prepare", "--help").stdout.startswith("usage: evo prepare")
+    for command in ("resume", "status", "export"):
+        assert "a run directory" in evo(command, "--help").stdout, command
+
+
+def test_eval_defaults_are_the_default_runs_settings():
+    """`evo eval FILE` scores a file as `evo run configs/default.yaml` would, from the config itself."""
+    from evo.cli import build_parser
+    from evo.runs import PACKAGE_ROOT
+
+    config = load_config(PACKAGE_ROOT / "configs" / "default.yaml")
+    args = build_parser().parse_args(["eval", "x.py"])
+    assert (args.budget, args.eval_tokens, args.seq_len) == (config.budget.seconds, config.data.eval_tokens, config.data.seq_len)
+    assert (args.startup_grace, args.eval_grace) == (config.budget.startup_grace, config.budget.eval_grace)
+
+
+def test_eval_leaves_no_temporary_folder_behind_ok_failed_or_interrupted(small_data, tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    ok, failing, slow = (tmp_path / name for name in ("ok.py", "fail.py", "slow.py"))
+    ok.write_text(TINY)
+    failing.write_text("raise RuntimeError('deliberate')\n")
+    slow.write_text("import time\ntime.sleep(120)\n")
+    common = ["--data-dir", str(small_data), "--seq-len", "32", "--eval-tokens", "512", "--budget", "1"]
+    for variant, code in ((ok, 0), (failing, 1)):
+        proc = subprocess.run([sys.executable, "-m", "evo.cli", "eval", str(variant), *common], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == code, proc.stdout + proc.stderr
+        assert "--run-dir" in proc.stdout  # says where the files went, and how to keep them
+        assert not list(tmp.glob("evo-*")), list(tmp.iterdir())
+    proc = subprocess.Popen([sys.executable, "-m", "evo.cli", "eval", str(slow), *common], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp.glob("evo-eval-*/log.txt")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert not list(tmp.glob("evo-*")), list(tmp.iterdir())
+
+
+def test_a_bad_set_override_is_blamed_on_the_override_not_the_file(setup_run):
+    config_path, _, _ = setup_run()
+    proc = evo("run", str(config_path), "--set", "budget.secs=3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "budget.secs: unknown key; allowed here: seconds" in proc.stderr
+    assert "override --set budget.secs=3, not the file" in proc.stderr
+
+
+def test_a_missing_seed_file_names_each_place_it_looked_once(small_data, tmp_path):
+    (tmp_path / "configs").mkdir()
+    config = tmp_path / "configs" / "c.yaml"
+    config.write_text(f"seed_file: nope.py\ndata:\n  dir: {small_data}\nrun:\n  dir: {tmp_path / 'runs'}\n")
+    proc = subprocess.run([sys.executable, "-m", "evo.cli", "run", str(config)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.returncode == 2, proc.stderr
+    # The cwd and the config's folder's parent are the same folder here: it is named once.
+    assert proc.stderr.count(str(tmp_path / "nope.py")) == 1 and "seed_file" in proc.stderr

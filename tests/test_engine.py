@@ -129,7 +129,7 @@ def test_kill_9_at_several_points_loses_nothing_and_runs_nothing_twice(setup_run
     assert seen_leftovers, "the scenario should have left a daemon behind at least once"
     output, _ = engine.communicate(timeout=180)
     assert engine.returncode == 0, output
-    assert "best variant exported" in output
+    assert "champion exported to" in output
 
     individuals, state = RunStore(run_dir).load()
     assert state["counters"]["evaluations"] == 9 and len(individuals) == 9
