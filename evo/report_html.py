@@ -71,7 +71,7 @@ def render(facts: RunFacts, images: dict[str, bytes]) -> str:
         f"<p>evaluations: {c.evaluations} &middot; births: {c.births} &middot; duplicates skipped: {c.duplicates}"
         f" &middot; guard re-runs: {c.guard_runs} &middot; time used: {escape(clock(c.elapsed_seconds))}"
         f" &middot; data: <code>{escape(str(facts.info.get('data_fingerprint', '?')))}</code></p>",
-        f"<pre class='summary'>{escape(chr(10).join(champion_lines(facts.population, facts.guard)))}</pre>",
+        f"<pre class='summary'>{escape(chr(10).join(champion_lines(facts.population, facts.guard, facts.store)))}</pre>",
         _section("progress", _img(images, "progress.png", TITLES["progress"]),
                  "<p class='muted'>Each point is a child's first evaluation. The green line is the champion's "
                  "mean over the guard's re-runs with new seeds (band: ± one standard deviation), from when it "
