@@ -89,9 +89,13 @@ class Engine:
     def adopt_finished_results(self) -> int:
         adopted = self.recorder.adopt_finished_results()
         for individual in adopted:
-            if individual.operator != "seed":
-                self.breeder.feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
+            self._tell_operator(individual)
         return len(adopted)
+
+    def _tell_operator(self, individual: Individual) -> None:
+        """The operator that bred a child hears how it did (Optuna's tell, the LLM's memory of ideas)."""
+        if individual.operator != "seed":
+            self.breeder.feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
 
     def sweep_leftovers(self) -> int:
         return self.recorder.sweep_leftovers()
@@ -297,8 +301,7 @@ class Engine:
                 self.recorder.record_guard(self._guard_runs.pop(job.token), result)
             self.recorder.checkpoint()
         if job.kind == CHILD:
-            if individual.operator != "seed":
-                self.breeder.feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
+            self._tell_operator(individual)
             self._report(individual)
 
     def _put_back(self, job: Job) -> None:
