@@ -219,12 +219,13 @@ class Engine:
     def run(self) -> str:
         self._start()
         reason = None  # a soft stop: no more children, but what runs and the queued guard re-runs finish
+        hard = True  # unless the loop ends on its own: a stop that cancelled work, which stays queued
         try:
             while True:
                 stop = self.stop_reason(breeding=reason is None)  # hard stops count even while draining
                 if stop is not None:
-                    why, hard = stop
-                    if hard:
+                    why, cancels = stop
+                    if cancels:
                         reason = why
                         self._stop_everything(why)
                         break
@@ -236,6 +237,7 @@ class Engine:
                 if not self._in_flight:
                     reason = reason or self._nowhere_to_go()
                     if reason is not None and not self.guard.queue:
+                        hard = False
                         break
                 self.recorder.save_if_due()
                 self.on_tick(self.snapshot())
@@ -264,7 +266,7 @@ class Engine:
         finally:
             self.breeder.close()
             self.executor.close()
-            self.recorder.close_session()
+            self.recorder.close_session(reason or "the engine failed", hard)
         return reason or "done"
 
     def _fill(self, children_allowed: bool) -> None:

@@ -15,6 +15,7 @@ Held-out numbers live only here: never in an individual's metrics, selection, or
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 from evo.stats import mean_std, welch_less
@@ -41,6 +42,12 @@ class Sample:
     status: str
     val_bpb: float | None = None
     heldout_bpb: float | None = None
+    # What results.tsv shows besides the scores (absent in checkpoints from before it existed).
+    kind: str = ""
+    train_seconds: float | None = None
+    steps: int | None = None
+    finished_at: float | None = None
+    reason: str = ""
 
 
 @dataclass
@@ -155,13 +162,16 @@ class Guard:
             self.running.remove(run)
         self.queue.insert(0, run)
 
-    def record(self, job: GuardRun, status: str, metrics: dict) -> list[tuple[str, float]]:
+    def record(self, job: GuardRun, status: str, metrics: dict, train_seconds: float | None = None,
+               steps: int | None = None, reason: str = "") -> list[tuple[str, float]]:
         """Store one guard run's outcome; returns deferred candidates now ready to consider."""
         if job in self.running:
             self.running.remove(job)
         record = self.records[job.individual]
         sample = Sample(job.seed, status, metrics.get("val_bpb") if status == "ok" else None,
-                        metrics.get("heldout_bpb") if status == "ok" else None)
+                        metrics.get("heldout_bpb") if status == "ok" else None,
+                        kind=job.kind, train_seconds=train_seconds, steps=steps, finished_at=time.time(),
+                        reason=reason[:300])
         if job.kind == TRANSFER:
             record.transfer.append(sample)
             return []
