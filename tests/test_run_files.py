@@ -248,7 +248,8 @@ def runs_table(folder) -> dict[str, list[str]]:
 
 
 def test_runs_lists_running_finished_stopped_and_resumable_runs(held_seed, setup_run, tmp_path):
-    config_path, run_dir, ledger, flag = held_seed(max_evaluations=1)
+    # The held seed's clock runs while it waits: allowance enough for `evo runs` x3 on a busy machine.
+    config_path, run_dir, ledger, flag = held_seed(max_evaluations=1, budget={"startup_grace": 600})
     runs = run_dir.parent
     config = load_config(config_path)
     # Beside it: a run stopped by a hard stop, and one whose engine never stopped cleanly.
