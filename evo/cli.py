@@ -143,6 +143,11 @@ def _cmd_resume(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
+    if args.json:
+        from evo.status_json import status_facts
+
+        print(json.dumps(status_facts(args.run_dir, top=args.top), indent=2))
+        return 0
     from evo.report import status_text
 
     print(status_text(args.run_dir, top=args.top))
@@ -152,7 +157,7 @@ def _cmd_status(args: argparse.Namespace, rest: list[str]) -> int:
 def _cmd_export(args: argparse.Namespace, rest: list[str]) -> int:
     from evo.report import export
 
-    out = export(args.run_dir, args.out)
+    out = export(args.run_dir, args.out, variant=args.id)
     print(f"exported to {out}: train.py, metadata.json, seed.diff")
     return 0
 
@@ -162,6 +167,28 @@ def _cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
 
     page = write_report(args.run_dir, args.out)
     print(f"report written to {page} (self-contained: open it in a browser; the plots are also beside it as PNGs)")
+
+
+def _cmd_diff(args: argparse.Namespace, rest: list[str]) -> int:
+    from evo.report import load_population
+    from evo.store import RunStore
+    from evo.variants import code_diff, resolve_id
+
+    store = RunStore(args.run_dir)
+    store.run_info()  # not a run directory: say so
+    population, _, _ = load_population(store)
+    a, b = (resolve_id(population, name, store.dir) for name in (args.a, args.b))
+    diff = code_diff(store, population, a, b)
+    print(diff, end="")
+    if not diff:
+        print(f"{a} and {b} have the same code", file=sys.stderr)
+    return 0
+
+
+def _cmd_runs(args: argparse.Namespace, rest: list[str]) -> int:
+    from evo.run_list import runs_text
+
+    print(runs_text(args.dir))
     return 0
 
 
@@ -247,17 +274,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="champion, best variants, failures, counts by status and operator, time used")
     p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--top", type=int, default=5, help="how many of the best to list (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="the same facts as one JSON document, for scripts")
     p.set_defaults(handler=_cmd_status)
 
     p = sub.add_parser("export", help="write the champion's train.py, metadata.json and a diff against the seed")
     p.add_argument("run_dir", help=run_dir_help)
-    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+    p.add_argument("--id", default=None, help="export this variant instead (an id, its number or a unique prefix)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export, or RUN_DIR/export-ID with --id)")
     p.set_defaults(handler=_cmd_export)
 
     p = sub.add_parser("report", help="write report.html: plots, the champion's lineage with diffs, guard verdicts, operators")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help=run_dir_help)
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     p.set_defaults(handler=_cmd_report)
+
+    p = sub.add_parser("diff", help="a unified diff of two variants' train.py")
+    p.add_argument("run_dir", help=run_dir_help)
+    p.add_argument("a", help="a variant id, its number or a unique prefix")
+    p.add_argument("b", help="the other variant")
+    p.set_defaults(handler=_cmd_diff)
+
+    p = sub.add_parser("runs", help="list run directories: state, evaluations, champion, age")
+    p.add_argument("dir", nargs="?", default="runs", help="the folder holding run directories (default: %(default)s)")
+    p.set_defaults(handler=_cmd_runs)
     return parser
 
 

@@ -90,9 +90,13 @@ class Engine:
     def adopt_finished_results(self) -> int:
         adopted = self.recorder.adopt_finished_results()
         for individual in adopted:
-            if individual.operator != "seed":
-                self.breeder.feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
+            self._tell_operator(individual)
         return len(adopted)
+
+    def _tell_operator(self, individual: Individual) -> None:
+        """The operator that bred a child hears how it did (Optuna's tell, the LLM's memory of ideas)."""
+        if individual.operator != "seed":
+            self.breeder.feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
 
     def sweep_leftovers(self) -> int:
         return self.recorder.sweep_leftovers()
@@ -218,12 +222,13 @@ class Engine:
     def run(self) -> str:
         self._start()
         reason = None  # a soft stop: no more children, but what runs and the queued guard re-runs finish
+        hard = True  # unless the loop ends on its own: a stop that cancelled work, which stays queued
         try:
             while True:
                 stop = self.stop_reason(breeding=reason is None)  # hard stops count even while draining
                 if stop is not None:
-                    why, hard = stop
-                    if hard:
+                    why, cancels = stop
+                    if cancels:
                         reason = why
                         self._stop_everything(why)
                         break
@@ -236,6 +241,7 @@ class Engine:
                 if not self._in_flight:
                     reason = reason or self._nowhere_to_go()
                     if reason is not None and not self.guard.queue:
+                        hard = False
                         break
                 self.recorder.save_if_due()
                 self.on_tick(self.snapshot())
@@ -264,7 +270,7 @@ class Engine:
         finally:
             self.breeder.close()
             self.executor.close()
-            self.recorder.close_session()
+            self.recorder.close_session(reason or "the engine failed", hard)
         return reason or "done"
 
     def _fill(self, children_allowed: bool) -> None:
@@ -305,8 +311,7 @@ class Engine:
                 self.log(f"guard: {run.kind} run of {run.individual} finished: {result.status} {value}")
             self.recorder.checkpoint()
         if job.kind == CHILD:
-            if individual.operator != "seed":
-                self.breeder.feedback(individual.operator, json.loads(individual.details), individual.val_bpb, evaluated=True)
+            self._tell_operator(individual)
             self._report(individual)
 
     def _put_back(self, job: Job) -> None:

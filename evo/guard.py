@@ -18,6 +18,7 @@ becomes a second validation split (Dwork et al., "The reusable holdout", 2015).
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 from evo.stats import mean_std, welch_less
@@ -44,6 +45,12 @@ class Sample:
     status: str
     val_bpb: float | None = None
     heldout_bpb: float | None = None
+    # What results.tsv shows besides the scores (absent in checkpoints from before it existed).
+    kind: str = ""
+    train_seconds: float | None = None
+    steps: int | None = None
+    finished_at: float | None = None
+    reason: str = ""
 
 
 @dataclass
@@ -173,13 +180,16 @@ class Guard:
             self.running.remove(run)
         self.queue.insert(0, run)
 
-    def record(self, job: GuardRun, status: str, metrics: dict) -> list[tuple[str, float]]:
+    def record(self, job: GuardRun, status: str, metrics: dict, train_seconds: float | None = None,
+               steps: int | None = None, reason: str = "") -> list[tuple[str, float]]:
         """Store one guard run's outcome; returns deferred candidates now ready to consider."""
         if job in self.running:
             self.running.remove(job)
         record = self.records[job.individual]
         sample = Sample(job.seed, status, metrics.get("val_bpb") if status == "ok" else None,
-                        metrics.get("heldout_bpb") if status == "ok" else None)
+                        metrics.get("heldout_bpb") if status == "ok" else None,
+                        kind=job.kind, train_seconds=train_seconds, steps=steps, finished_at=time.time(),
+                        reason=reason[:300])
         if job.kind == TRANSFER:
             record.transfer.append(sample)
             return []

@@ -90,6 +90,28 @@ class RunLock:
                 f"evaluations. Wait for it to finish, or {stop}; then run this command again.")
 
 
+def holder(run_dir: str | Path) -> dict | None:
+    """Who holds the run directory now (pid, host, started, command; {} if not written yet), or
+    None when no live engine does. For `evo runs` and `evo status`: creates nothing, writes nothing.
+
+    It asks with a shared, non-blocking lock dropped at once: an engine holding the lock never
+    notices. (An `evo run` or `evo resume` starting in those microseconds is refused and can be
+    run again; that is the whole cost.)"""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None  # never locked: a run from before locks, or one never started
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _read_holder(fd: int) -> dict:
     try:
         data = os.pread(fd, 4096, 0)

@@ -47,6 +47,8 @@ class Individual:
     run_token: str = ""  # identifies the evaluation's processes while it runs
     created_at: float = 0.0
     finished_at: float | None = None
+    train_seconds: float | None = None  # the runner's clock, start to hand-over (failed runs too)
+    steps: int | None = None  # training steps as the variant's own summary printed them: shown, never trusted
 
     @property
     def evaluated_ok(self) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from evo.explain import evaluation_size, reported_training, untrained_bpb, untrained_warning, vocab_size_of
+from evo import results_tsv
 from evo.guard import Guard, GuardRun
 from evo.population import Individual, Population, normalized_hash
 from evo.store import RunStore
@@ -60,6 +61,8 @@ class Recorder:
         self._dirty = False
         self._saved_at = time.monotonic()
         self.vocab_size = vocab_size_of(store.run_info())
+        self._tsv_written_for: tuple | None = None  # (evaluations, guard runs) results.tsv shows
+        self.stop: dict | None = None  # why the engine last stopped, for `evo runs`; None while it runs
 
     # ---- state ----
     def state(self) -> dict:
@@ -68,6 +71,7 @@ class Recorder:
             "rng": _rng_to_json(self.rng.getstate()),
             "migrants": self.population.migrants,
             "guard": self.guard.to_state(),
+            **({"stop": self.stop} if self.stop else {}),
         }
 
     def restore(self, individuals: list[Individual], state: dict) -> None:
@@ -80,6 +84,8 @@ class Recorder:
         if "guard" in state:
             self.guard.restore(state["guard"])
         self._session_start = time.monotonic()
+        self._tsv_written_for = None  # rewritten at the first checkpoint, whatever the old file says
+        self.stop = None  # running again: the last session's stop no longer describes the run
 
     def elapsed_seconds(self) -> float:
         return self.counters.elapsed_seconds + (time.monotonic() - self._session_start)
@@ -88,6 +94,12 @@ class Recorder:
         with self.lock:
             self.store.save(list(self.population.individuals.values()), self.state())
             self._dirty, self._saved_at = False, time.monotonic()
+            # results.tsv changes only when an evaluation finishes; a crash between the two writes
+            # leaves it one behind, and the first checkpoint after resume rewrites it.
+            finished = (self.counters.evaluations, self.counters.guard_runs)
+            if finished != self._tsv_written_for:
+                results_tsv.write(self.store.dir, self.population, self.guard)
+                self._tsv_written_for = finished
 
     def changed(self) -> None:
         """Something worth saving changed; save_if_due writes it within a few seconds."""
@@ -99,9 +111,11 @@ class Recorder:
         if (self._dirty and age >= SAVE_EVERY_SECONDS) or age >= 6 * SAVE_EVERY_SECONDS:
             self.checkpoint()
 
-    def close_session(self) -> None:
-        """Fold this session's wall time into the counters and save (the engine is stopping)."""
+    def close_session(self, reason: str, hard: bool) -> None:
+        """Fold this session's wall time into the counters and save, with why the engine stopped
+        (hard: it cancelled work, which stays queued for resume)."""
         with self.lock:
+            self.stop = {"reason": reason, "hard": hard, "at": time.time()}
             self.counters.elapsed_seconds = self.elapsed_seconds()
             self._session_start = time.monotonic()
             self.checkpoint()
@@ -168,6 +182,8 @@ class Recorder:
         individual.metrics = json.dumps(result.metrics)
         individual.val_bpb = result.val_bpb
         individual.wall_seconds = result.wall_seconds
+        individual.train_seconds = result.train_seconds
+        individual.steps = results_tsv.printed_steps(result.log_tail)
         individual.peak_memory_mb = result.peak_memory_mb
         individual.device = result.worker or individual.device
         individual.finished_at = time.time()
@@ -204,7 +220,8 @@ class Recorder:
 
     def record_guard(self, run: GuardRun, result: RunResult) -> None:
         self.counters.guard_runs += 1
-        for candidate, value in self.guard.record(run, result.status, result.metrics):
+        for candidate, value in self.guard.record(run, result.status, result.metrics, result.train_seconds,
+                                                  results_tsv.printed_steps(result.log_tail), result.reason):
             self.guard.consider(candidate, value)
         verdict = self.guard.records[run.individual].verdict
         if verdict:

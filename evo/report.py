@@ -6,19 +6,21 @@ import difflib
 import json
 from pathlib import Path
 
-from evo.breeder import effective_weights
 from evo.config import load_config
 from evo.explain import evaluation_size, reported_training, untrained_warning, vocab_size_of
 from evo.recorder import RECENT_OUTCOMES, Counters, refusal_summary
 from evo.guard import Guard
+from evo.operator_table import operator_rows
 from evo.population import Population
 from evo.progress import clock
 from evo.store import RunStore, StoreError
+from evo.variants import resolve_id
 from trainer.files import write_atomic
 
 
-def load_population(store: RunStore) -> tuple[Population, Counters, Guard]:
-    individuals, state = store.load()
+def load_population(store: RunStore, loaded: tuple[list, dict] | None = None) -> tuple[Population, Counters, Guard]:
+    """The run as selection sees it, from the checkpoint (`loaded`: what store.load() returned)."""
+    individuals, state = loaded if loaded is not None else store.load()
     config = load_config(store.dir / "config.yaml")
     population = Population(config.population.islands, config.population.size)  # members() as the engine saw them
     for individual in individuals:
@@ -136,21 +138,13 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
     if pending:
         lines.append(f"in flight or queued (re-run on resume): {', '.join(i.id for i in pending)}")
     configured = load_config(store.dir / "config.yaml").operators
-    effective = effective_weights(configured, counters.recent)
-    total = sum(effective[n] for n, w in configured.items() if w > 0) or 1.0
     lines += ["", f"  {'operator':<14} {'proposed':>9} {'refused':>8} {'evaluated':>10} {'ok':>5} {'improved':>9}   "
                   f"weight (configured -> now, from its last {RECENT_OUTCOMES} outcomes)"]
-    operators = sorted(set(counters.proposed) | set(counters.refusals) | {i.operator for i in population.individuals.values()}
-                       | set(configured))
-    for name in operators:
-        members = [i for i in population.individuals.values() if i.operator == name and i.status != "pending"]
-        refused = sum(counters.refusals.get(name, {}).values())
-        weight = ""
-        if name in configured:
-            share = effective[name] / total if configured[name] > 0 else 0.0
-            weight = f"   {configured[name]:g} -> {effective[name]:.2f} ({share:.0%} of draws)"
-        lines.append(f"  {name:<14} {counters.proposed.get(name, 0):>9} {refused:>8} {len(members):>10} "
-                     f"{sum(i.evaluated_ok for i in members):>5} {counters.improved.get(name, 0):>9}{weight}")
+    for row in operator_rows(configured, counters, population):
+        w = row["weight"]
+        weight = f"   {w['configured']:g} -> {w['now']:.2f} ({w['share']:.0%} of draws)" if w else ""
+        lines.append(f"  {row['operator']:<14} {row['proposed']:>9} {row['refused']:>8} {row['evaluated']:>10} "
+                     f"{row['ok']:>5} {row['improved']:>9}{weight}")
     lines += _refusal_lines(counters)
     lines += _llm_lines(store, population)
     return "\n".join(lines)
@@ -179,13 +173,22 @@ def _llm_lines(store: RunStore, population: Population) -> list[str]:
     return lines
 
 
-def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+def export(run_dir: str | Path, out_dir: str | Path | None = None, variant: str | None = None) -> Path:
+    """The champion's files (or, with `variant`, any variant's, failed ones included) into
+    out_dir, by default RUN_DIR/export (RUN_DIR/export-<id> for a chosen variant)."""
     store = RunStore(run_dir)
     population, _, guard = load_population(store)
-    champion, stats = champion_of(population, guard)
-    if champion is None:
-        raise StoreError(f"{store.dir} has no successfully evaluated variant yet; nothing to export")
-    out = Path(out_dir) if out_dir else store.dir / "export"
+    best, best_stats = champion_of(population, guard)
+    if variant is None:
+        champion, stats = best, best_stats
+        if champion is None:
+            raise StoreError(f"{store.dir} has no successfully evaluated variant yet; nothing to export")
+    else:
+        champion = population.individuals[resolve_id(population, variant, store.dir)]
+        record = guard.records.get(champion.id)
+        stats = record.stats() if record is not None else None
+    default_out = store.dir / ("export" if variant is None else f"export-{champion.id}")
+    out = Path(out_dir) if out_dir else default_out
     out.mkdir(parents=True, exist_ok=True)
     code = store.code(champion.id, champion.code_hash)
     write_atomic(out / "train.py", code)
@@ -199,6 +202,10 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     metrics = json.loads(champion.metrics)
     metadata = {
         "id": champion.id,
+        "status": champion.status,
+        "reason": champion.reason,
+        "is_champion": best is not None and best.id == champion.id,
+        "verdict": champion.verdict,
         "val_bpb": stats["val_mean"] if stats else champion.val_bpb,
         "scored": "sealed (a separate evaluator scored the handed-over model)" if metrics.get("sealed", True)
                   else "UNSEALED (scored inside the variant's own process, which could forge it)",

@@ -85,3 +85,19 @@ def setup_run(tmp_path, small_data):
         return path, tmp_path / "runs" / "r", ledger
 
     return make
+
+
+@pytest.fixture
+def held_seed(setup_run, tmp_path):
+    """Like setup_run, for a run whose seed waits while a flag file exists: the engine is surely
+    mid-evaluation until the test lets it go with `flag.unlink()`. Returns (config, run dir,
+    ledger, flag)."""
+    flag = tmp_path / "hold-the-seed"
+    flag.touch()
+    wait = f"import os\nwhile os.path.exists({str(flag)!r}):\n    time.sleep(0.05)\n"
+
+    def make(**settings):
+        config_path, run_dir, ledger = setup_run(before_sleep=wait, **settings)
+        return config_path, run_dir, ledger, flag
+
+    return make

@@ -97,12 +97,9 @@ def test_output_cut_short_ends_quietly(setup_run, tmp_path):
     assert proc.returncode in (0, 141) and proc.stderr == ""
 
 
-def test_a_run_whose_reader_stops_after_one_line_stops_cleanly(setup_run, tmp_path):
+def test_a_run_whose_reader_stops_after_one_line_stops_cleanly(held_seed):
     # The seed waits for the flag, so the engine is surely running when the reader goes away.
-    flag = tmp_path / "hold-the-seed"
-    flag.touch()
-    wait = f"import os\nwhile os.path.exists({str(flag)!r}):\n    time.sleep(0.05)\n"
-    config_path, run_dir, ledger = setup_run(max_evaluations=3, before_sleep=wait)
+    config_path, run_dir, ledger, flag = held_seed(max_evaluations=3)
     engine = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(config_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

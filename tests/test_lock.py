@@ -97,12 +97,9 @@ def test_resume_of_a_folder_that_is_not_a_run_leaves_it_alone(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_while_the_engine_runs_is_refused_and_its_evaluation_survives(setup_run, tmp_path):
+def test_resume_while_the_engine_runs_is_refused_and_its_evaluation_survives(held_seed):
     # The seed waits while the flag exists, so the engine is surely mid-evaluation when resume comes.
-    flag = tmp_path / "hold-the-seed"
-    flag.touch()
-    wait = f"import os\nwhile os.path.exists({str(flag)!r}):\n    time.sleep(0.05)\n"
-    config_path, run_dir, ledger = setup_run(max_evaluations=2, before_sleep=wait)
+    config_path, run_dir, ledger, flag = held_seed(max_evaluations=2)
     engine = subprocess.Popen([sys.executable, "-m", "evo.cli", "run", str(config_path)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
