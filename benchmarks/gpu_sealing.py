@@ -25,6 +25,7 @@ import prepare
 from trainer import sandbox, sealed
 from trainer.evaluator import Evaluator
 from trainer.runner import RunSettings, run_variant
+from trainer.seed_model import load_seed_model
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--data-dir", default=prepare.DATA_DIR)
@@ -36,11 +37,7 @@ print("torch", torch.__version__, torch.cuda.get_device_name(0), flush=True)
 print("sandbox:", sandbox.probe() or "bubblewrap works", flush=True)
 
 # ---- 1. round trip of the GPU seed's model ----
-src = (ROOT / "trainer" / "train_gpu.py").read_text().split("# ---- training ----")[0]
-src = src.replace("import prepare", "import types\nprepare = types.SimpleNamespace(MAX_SEQ_LEN=2048, DEVICE='cuda')")
-ns = {}
-exec(compile(src, "train_gpu", "exec"), ns)
-model = ns["GPT"](8192, ns["MODEL_DIM"], ns["DEPTH"], ns["N_HEAD"], ns["MLP_RATIO"], 2048).cuda()
+model = load_seed_model("train_gpu.py", 8192, 2048, "cuda")
 for p in model.parameters():
     torch.nn.init.normal_(p, std=0.02)
 model.eval()

@@ -39,7 +39,7 @@ def test_cpu_seed_learns_in_30_seconds(default_data):
 def test_gpu_seed_runs_end_to_end_on_cpu_at_toy_size(small_data):
     """The GPU seed's code path without CUDA: same file, constants shrunk as a mutator would."""
     code = (TRAINER / "train_gpu.py").read_text()
-    for name, value in {"DEPTH": 2, "MODEL_DIM": 64, "DEVICE_BATCH_SIZE": 4,
+    for name, value in {"DEPTH": 2, "ASPECT_RATIO": 32, "HEAD_DIM": 32, "DEVICE_BATCH_SIZE": 4,
                         "TOTAL_BATCH_TOKENS": 256, "UNTIMED_STEPS": 1}.items():
         code, n = re.subn(rf"^{name} = .*$", f"{name} = {value}", code, count=1, flags=re.MULTILINE)
         assert n == 1, name
