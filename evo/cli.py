@@ -167,6 +167,7 @@ def _cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
 
     page = write_report(args.run_dir, args.out)
     print(f"report written to {page} (self-contained: open it in a browser; the plots are also beside it as PNGs)")
+    return 0
 
 
 def _cmd_diff(args: argparse.Namespace, rest: list[str]) -> int:
