@@ -75,7 +75,8 @@ def render(facts: RunFacts, images: dict[str, bytes]) -> str:
         _section("progress", _img(images, "progress.png", TITLES["progress"]),
                  "<p class='muted'>Each point is a child's first evaluation. The green line is the champion's "
                  "mean over the guard's re-runs with new seeds (band: ± one standard deviation), from when it "
-                 "was promoted; the dashed line is its held-out mean, a split selection never sees.</p>"),
+                 "was promoted; the dashed line is its held-out mean. Held-out is scored only in the guard's "
+                 f"re-runs and read only to veto a promotion {escape(facts.guard.heldout_note())}.</p>"),
         _section("guard", _guard_html(facts)),
         _section("lineage", _lineage_html(facts)),
         _section("tree", _img(images, "family_tree.png", TITLES["tree"])),
