@@ -2,7 +2,8 @@
 
 Numbers stay numbers (no rounding), absent values are null, and the keys are stable: a script
 reads `doc["champion"]["val_mean"]`, never a line of text. Held-out numbers appear only as the
-guard's re-run summaries, as in the text.
+guard's re-run summaries, as in the text, with `heldout_consulted` (how many promotion decisions
+have looked at held-out) beside them.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _champion(population, guard) -> dict | None:
     return {"id": champion.id, "operator": champion.operator, "first_draw_val_bpb": champion.val_bpb,
             "val_bpb": stats["val_mean"] if stats else champion.val_bpb,
             "val_bpb_is": "re-run mean" if stats else "first draw (not re-run: no noise floor yet)",
-            **(stats or {}), **_trust(champion.metrics)}
+            **(stats or {}), **_trust(champion.metrics),
+            "heldout_consulted": guard.heldout_consulted}  # beside every held-out number: how often selection looked
 
 
 def _trust(metrics_json: str) -> dict:

@@ -186,6 +186,7 @@ def test_status_json_states_the_facts_of_the_checkpoint(setup_run):
     assert champion["n"] == len(samples)
     assert champion["val_mean"] == pytest.approx(sum(s["val_bpb"] for s in samples) / len(samples))
     assert champion["held_mean"] == pytest.approx(sum(s["heldout_bpb"] for s in samples) / len(samples))
+    assert champion["heldout_consulted"] == guard["heldout_consulted"] >= len(guard["champions"]) - 1  # each promotion looked
     assert champion["val_bpb"] == champion["val_mean"] and champion["val_bpb_is"] == "re-run mean"
     noise = [s["val_bpb"] for s in guard["records"][guard["champions"][0]]["samples"]]
     assert doc["noise_floor_sigma"] == pytest.approx(float(__import__("statistics").stdev(noise)))
