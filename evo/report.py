@@ -60,7 +60,7 @@ def champion_lines(population: Population, guard: Guard, store: RunStore | None 
     if stats is None:
         return [f"champion: {champion.id}, first draw val_bpb {champion.val_bpb:.4f} (not re-run: no noise floor yet)"
                 + trust_note(champion.metrics)] + lines
-    p = f", p={stats['p_value']:.3g}" if stats["p_value"] is not None else " (the seed)"
+    p = f", p={stats['p_value']:.3g}" if stats["p_value"] is not None else ""  # no p: the seed, already named by its operator
     lines = [
         f"champion: {champion.id} ({champion.operator}){p}" + trust_note(champion.metrics),
         f"  val_bpb  {stats['val_mean']:.4f} ± {stats['val_std']:.4f} over n={stats['n']} re-runs"
