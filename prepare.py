@@ -689,18 +689,30 @@ def split_documents(tokens: np.ndarray, bos_id: int) -> tuple[np.ndarray, np.nda
     return starts, lengths
 
 
+def _row_sized_pieces(starts: np.ndarray, lengths: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each document as consecutive pieces of at most `width` tokens: (piece starts, piece lengths)."""
+    counts = -(-lengths // width)  # pieces per document
+    first = np.repeat(np.cumsum(counts) - counts, counts)  # index of its document's first piece
+    piece_starts = np.repeat(starts, counts) + width * (np.arange(int(counts.sum())) - first)
+    piece_ends = np.minimum(piece_starts + width, np.repeat(starts + lengths, counts))
+    return piece_starts, piece_ends - piece_starts
+
+
 def packed_rows(tokens: np.ndarray, bos_id: int, B: int, width: int, seed: int,
                 buffer_size: int = 1000) -> Iterator[tuple[np.ndarray, int]]:
-    """Endless (rows, epoch): B rows of `width` tokens, each filled with whole documents.
+    """Endless (rows, epoch): B rows of `width` tokens, filled with documents, without padding.
 
-    Documents are drawn in an order shuffled per pass (by `seed` and the pass number) into a
+    A document longer than a row is first split into consecutive row-sized pieces (the last one
+    shorter): at a short context (evo's CPU runs read 256 tokens; the embedded corpus's documents
+    run to thousands) dropping all but each document's first row would throw away most of the
+    split. Pieces are drawn in an order shuffled per pass (by `seed` and the pass number) into a
     buffer of `buffer_size`. A row is filled from its start: each time, the longest buffered
-    document that fits in the room left (the earliest drawn among equals); when none fits, the
-    shortest one, cut to the room left (the rest of it is dropped). So every row starts with
-    BOS and has no padding. `epoch` counts passes over the split: 1 + the number of whole
-    splits' worth of documents served before this batch's last one.
+    piece that fits in the room left (the earliest drawn among equals); when none fits, the
+    shortest one, cut to the room left (the rest of it is dropped). Every document that fits in a
+    row arrives whole, starting with BOS. `epoch` counts passes over the split: 1 + the number of
+    whole splits' worth of pieces served before this batch's last one.
     """
-    starts, lengths = split_documents(tokens, bos_id)
+    starts, lengths = _row_sized_pieces(*split_documents(tokens, bos_id), width)
     buffer_size = max(1, min(buffer_size, starts.size))  # a small split is not buffered several times over
     passes, order, drawn, served = 0, np.empty(0, dtype=np.int64), 0, 0
     buffer: list[tuple[int, int, int]] = []  # (length, draw number, document), sorted
