@@ -6,6 +6,7 @@ import random
 import re
 
 from evo.config import load_config
+from evo.guard import Guard
 from evo.runs import start_run
 from trainer.runner import RunResult
 
@@ -40,3 +41,12 @@ def engine_with(setup_run, executor, ops=None, **sections):
 
         engine = Engine(config, engine.store, log=lambda line: None, executor=executor, operators=ops)
     return engine, run_dir
+
+
+def feed(guard: Guard, values: dict[str, list[tuple[float, float]]]):
+    """Complete every queued job for the given individuals with (val, held-out) pairs."""
+    while guard.queue:
+        job = guard.take()
+        val, held = values[job.individual].pop(0)
+        for candidate, value in guard.record(job, "ok", {"val_bpb": val, "heldout_bpb": held}):
+            guard.consider(candidate, value)

@@ -15,7 +15,7 @@ from evo.explain import untrained_bpb
 from evo.guard import Guard, GuardRun
 from evo.report import export, status_text
 from evo.store import RunStore
-from tests.fakes import by_quality, engine_with, scored
+from tests.fakes import by_quality, engine_with, feed, scored
 from trainer.runner import RunResult
 
 GUARD = {"enabled": True, "noise_runs": 2, "reruns": 2, "z": 0.0, "min_delta": 0.0}
@@ -69,14 +69,6 @@ def test_untrained_bpb_is_what_the_evaluator_gives_a_uniform_guess(small_data):
 
 
 # ---- the noise floor ----
-
-def feed(guard: Guard, values: dict[str, list[tuple[float, float]]]):
-    while guard.queue:
-        job = guard.take()
-        val, held = values[job.individual].pop(0)
-        for candidate, value in guard.record(job, "ok", {"val_bpb": val, "heldout_bpb": held}):
-            guard.consider(candidate, value)
-
 
 def test_a_noise_floor_of_zero_never_makes_a_difference_significant():
     lines = []

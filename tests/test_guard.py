@@ -12,7 +12,7 @@ from evo.report import export, status_text
 from evo.stats import t_cdf, welch_less
 from evo.store import RunStore
 from evo.executors.fake import FakeExecutor
-from tests.fakes import by_quality, engine_with
+from tests.fakes import by_quality, engine_with, feed
 from tests.llm_server import ScriptedServer
 
 
@@ -23,15 +23,6 @@ def test_welch_matches_reference_values():
     assert welch_less([5.0, 6.0], [1.0, 2.0]) == pytest.approx(0.985071, abs=1e-6)
     assert t_cdf(1.5, 3) == pytest.approx(0.884708, abs=1e-6)
     assert t_cdf(-2.2, 7.3) == pytest.approx(0.0310846, abs=1e-6)
-
-
-def feed(guard: Guard, values: dict[str, list[tuple[float, float]]]):
-    """Complete every queued job for the given individuals with (val, held-out) pairs."""
-    while guard.queue:
-        job = guard.take()
-        val, held = values[job.individual].pop(0)
-        for candidate, value in guard.record(job, "ok", {"val_bpb": val, "heldout_bpb": held}):
-            guard.consider(candidate, value)
 
 
 def test_a_real_gain_is_promoted_and_reported_as_the_rerun_mean():
