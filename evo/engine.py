@@ -387,8 +387,7 @@ class Engine:
         else:  # no guard: the champion is simply the best first draw
             best = self.population.best()
             champion_id, value, label = (best.id, best.val_bpb, "first draw") if best else (None, None, "")
-        evaluated = [i for i in list(self.population.individuals.values()) if i.evaluated_ok]
-        first = min(evaluated, key=lambda i: (i.val_bpb, i.birth)) if evaluated else None
+        first = self.population.best_first_draw()
         return standing(champion_id, value, label, first.id if first else None, first.val_bpb if first else None), champion_id
 
     def _report(self, individual: Individual) -> None:

@@ -146,6 +146,11 @@ class Population:
         ranked = self.ranked()
         return ranked[0] if ranked else None
 
+    def best_first_draw(self) -> Individual | None:
+        """The lowest single evaluation (oldest among equals): maybe a lucky draw the guard refused."""
+        ok = [i for i in self._all() if i.evaluated_ok]
+        return min(ok, key=lambda i: (i.val_bpb, i.birth)) if ok else None
+
     def migrate(self, count: int) -> list[tuple[str, int]]:
         """Ring migration: each island's best `count` members join the next island."""
         if self.n_islands < 2:

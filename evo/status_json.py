@@ -24,8 +24,7 @@ def status_facts(run_dir, top: int = 5) -> dict:
     loaded = store.load()
     population, counters, guard = load_population(store, loaded)
     individuals = list(population.individuals.values())
-    evaluated = [i for i in individuals if i.evaluated_ok]
-    first = min(evaluated, key=lambda i: (i.val_bpb, i.birth)) if evaluated else None
+    first = population.best_first_draw()
     return {
         "run": str(store.dir),
         **run_state(store.dir, loaded[1]),
