@@ -39,6 +39,17 @@ def did_not_learn(val_bpb: float | None, untrained: float | None) -> bool:
     return val_bpb is not None and untrained is not None and val_bpb > untrained * (1 - LEARNED_FRACTION)
 
 
+_STEPS_LINE = re.compile(r"^num_steps:\s*(\d+)\s*$", re.MULTILINE)
+_TOKENS_LINE = re.compile(r"^total_tokens_M:\s*([0-9.]+)\s*$", re.MULTILINE)
+
+
+def printed_steps(log_text: str) -> int | None:
+    """The `num_steps:` of the summary block the variant printed (autoresearch's), if any.
+    The variant's own claim: informative, never used to decide anything."""
+    found = _STEPS_LINE.findall(log_text or "")
+    return int(found[-1]) if found else None
+
+
 def reported_training(log_path: Path) -> str:
     """What the variant printed about its own training (autoresearch's summary block): steps and
     tokens. Its own claim, not measured by evo; "" when it printed none."""
@@ -46,9 +57,8 @@ def reported_training(log_path: Path) -> str:
         text = log_path.read_text(errors="replace")[-20000:]
     except OSError:
         return ""
-    steps = re.findall(r"^num_steps:\s*(\d+)", text, re.M)
-    tokens = re.findall(r"^total_tokens_M:\s*([0-9.]+)", text, re.M)
-    parts = ([f"{steps[-1]} training steps"] if steps else []) + ([f"{tokens[-1]}M training tokens"] if tokens else [])
+    steps, tokens = printed_steps(text), _TOKENS_LINE.findall(text)
+    parts = ([f"{steps} training steps"] if steps is not None else []) + ([f"{tokens[-1]}M training tokens"] if tokens else [])
     return ", ".join(parts) + " (as the variant reports)" if parts else ""
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from evo.explain import evaluation_size, reported_training, untrained_bpb, untrained_warning, vocab_size_of
+from evo.explain import evaluation_size, printed_steps, reported_training, untrained_bpb, untrained_warning, vocab_size_of
 from evo import results_tsv
 from evo.guard import Guard, GuardRun
 from evo.population import Individual, Population, normalized_hash
@@ -183,7 +183,7 @@ class Recorder:
         individual.val_bpb = result.val_bpb
         individual.wall_seconds = result.wall_seconds
         individual.train_seconds = result.train_seconds
-        individual.steps = results_tsv.printed_steps(result.log_tail)
+        individual.steps = printed_steps(result.log_tail)
         individual.peak_memory_mb = result.peak_memory_mb
         individual.device = result.worker or individual.device
         individual.finished_at = time.time()
@@ -221,7 +221,7 @@ class Recorder:
     def record_guard(self, run: GuardRun, result: RunResult) -> None:
         self.counters.guard_runs += 1
         for candidate, value in self.guard.record(run, result.status, result.metrics, result.train_seconds,
-                                                  results_tsv.printed_steps(result.log_tail), result.reason):
+                                                  printed_steps(result.log_tail), result.reason):
             self.guard.consider(candidate, value)
         verdict = self.guard.records[run.individual].verdict
         if verdict:

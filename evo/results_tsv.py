@@ -14,7 +14,6 @@ Free text (hypothesis, reason) has backslash, tab, newline and carriage return e
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -26,14 +25,6 @@ FILE_NAME = "results.tsv"
 COLUMNS = ("time", "id", "kind", "parent", "operator", "seed", "status", "val_bpb", "heldout_bpb", "steps",
            "seconds", "verdict", "hypothesis", "reason")
 _ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-_STEPS_LINE = re.compile(r"^num_steps:\s*(\d+)\s*$", re.MULTILINE)
-
-
-def printed_steps(log_tail: str) -> int | None:
-    """The `num_steps:` of the summary block the variant printed (autoresearch's), if any.
-    The variant's own claim: informative, never used to decide anything."""
-    found = _STEPS_LINE.findall(log_tail or "")
-    return int(found[-1]) if found else None
 
 
 def escape(value) -> str:

@@ -15,7 +15,8 @@ import pytest
 
 from evo.config import load_config
 from evo.executors.fake import FakeExecutor
-from evo.results_tsv import COLUMNS, FILE_NAME, printed_steps
+from evo.explain import printed_steps
+from evo.results_tsv import COLUMNS, FILE_NAME
 from evo.runs import resume_run, start_run
 from evo.store import RunStore
 from mutators.base import Proposal
