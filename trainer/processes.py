@@ -83,6 +83,17 @@ def pss_mb(pid: int | str) -> float:
     return int(fields[21]) * _PAGE_MB if fields else 0.0
 
 
+def _wait_until_stopped(pids: list[int], timeout: float = 2.0) -> None:
+    """Until each of pids is stopped or gone (a process in an uninterruptible wait stops when it
+    leaves it; the timeout only bounds a process that never does)."""
+    deadline = time.monotonic() + timeout
+    waiting = list(pids)
+    while waiting and time.monotonic() < deadline:
+        waiting = [pid for pid in waiting if (fields := _stat_fields(str(pid))) and fields[0] not in "TtZX"]
+        if waiting:
+            time.sleep(0.001)
+
+
 def _pid_namespace(pid: int | str) -> str | None:
     try:
         return os.readlink(f"/proc/{pid}/ns/pid")
@@ -138,7 +149,11 @@ class Family:
         return total
 
     def signal_all(self, sig: int) -> None:
-        """Send sig to every process, again until no new one appears (a stopped process cannot fork)."""
+        """Send sig to every process, again until no new one appears (a stopped process cannot fork).
+
+        kill() returns before the target has stopped, and a fork in flight when SIGSTOP arrives
+        still finishes: so after each SIGSTOP round we wait until the targets are stopped, and
+        only then look for children they made meanwhile."""
         done: set[int] = set()
         for _ in range(20):
             fresh = [pid for pid in self.pids() if pid not in done]
@@ -150,6 +165,8 @@ class Family:
                 except (ProcessLookupError, PermissionError):
                     pass
             done.update(fresh)
+            if sig == signal.SIGSTOP:
+                _wait_until_stopped(fresh)
 
     def kill(self) -> None:
         """SIGKILL everything: the namespace's first process takes the rest with it."""
