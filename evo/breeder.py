@@ -1,4 +1,4 @@
-"""The breeder: makes children ahead of time, so no evaluation slot ever waits for an LLM.
+"""The breeder: makes children in its own threads, so no evaluation slot waits for an LLM.
 
 Proposals run in the breeder's own threads (as many at once as the LLM may take requests), and
 each child is recorded as pending the moment it is born: the scheduler takes pending children
@@ -66,8 +66,9 @@ class Breeder:
         self.population = recorder.population
         self.cancel = cancel
         self.log = log
-        uses_llm = any(name.startswith("llm") for name in operators)
-        self.threads = config.mutators.llm.concurrent_requests if uses_llm else 1
+        self.uses_llm = any(name.startswith("llm") for name in operators)
+        self.threads = config.mutators.llm.concurrent_requests if self.uses_llm else 1
+        self.seconds_per_child: float | None = None  # moving average of a breeding task that made a child
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="evo-breeder")
         self._breeding: set[Future] = set()
         self.fruitless = 0  # breeding tasks in a row that produced nothing (outages and cancels aside)
@@ -135,6 +136,15 @@ class Breeder:
 
     def breed(self):
         """(a new child, False) or (None, waiting): waiting is True when every operator is paused by an outage."""
+        started = time.monotonic()
+        child, waiting = self._breed()
+        if child is not None:
+            took = time.monotonic() - started
+            last = self.seconds_per_child
+            self.seconds_per_child = took if last is None else 0.7 * last + 0.3 * took
+        return child, waiting
+
+    def _breed(self):
         for _ in range(BREED_ATTEMPTS):
             if self.cancel.is_set():
                 return None, False

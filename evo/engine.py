@@ -1,10 +1,11 @@
 """The engine: a scheduler that keeps the executor full, asynchronous and steady-state.
 
-Three parts, each its own module: the breeder makes children ahead of time (evo/breeder.py),
+Three parts, each its own module: the breeder makes children in its own threads (evo/breeder.py),
 the recorder remembers and checkpoints everything (evo/recorder.py), and the guard decides who
 may be champion and owns its re-runs (evo/guard.py). This module only decides what runs next:
-guard re-runs first, then queued children oldest first, the seed before anything. It never
-waits for an LLM: the breeder keeps a few children ready per slot.
+guard re-runs first, then queued children oldest first, the seed before anything. Fast
+operators breed each child when a slot frees, from the latest results; a slow LLM's children are
+bred ahead, as far as its latency needs, so no slot waits for it.
 
 Stops: a soft stop (max_evaluations, target_val_bpb, nothing left to breed) lets evaluations in
 flight and queued guard re-runs finish, so no verdict is left open. A hard stop (max_hours,
@@ -15,6 +16,7 @@ once; what was cancelled stays queued for `evo resume`.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -35,9 +37,20 @@ from mutators import registry
 from trainer.runner import (EvaluationUntrusted, EvaluatorFailed, RunCancelled, RunResult, RunSettings,
                             SandboxUnavailable, use_sandbox)
 
-READY_PER_SLOT = 2  # children bred ahead per evaluation slot, so a freed slot starts at once
+READY_PER_SLOT = 2  # at most this many children bred ahead per evaluation slot, for slow (LLM) operators
+JUST_IN_TIME = 0.05  # breeding that takes under this share of an evaluation is done when a slot frees
 LOST_JOB_RETRIES = 3  # a job whose machine keeps dying is given up after this many re-queues
 FRUITLESS_BREEDS = 3  # breeding tasks in a row with no child, nothing running: the run has nowhere to go
+
+
+def children_ahead_per_slot(breed_seconds: float | None, evaluation_seconds: float | None, uses_llm: bool) -> int:
+    """Children to keep bred ahead of each evaluation slot (see Engine._more_children_wanted).
+    Before either time is known, an LLM operator is assumed slow and the others fast."""
+    if breed_seconds is None or not evaluation_seconds:
+        return READY_PER_SLOT if uses_llm else 0
+    if breed_seconds <= JUST_IN_TIME * evaluation_seconds:
+        return 0
+    return min(READY_PER_SLOT, math.ceil(breed_seconds / evaluation_seconds))
 
 
 class Engine:
@@ -63,6 +76,8 @@ class Engine:
         self.data_fingerprint = info["data_fingerprint"]
         self.sandboxed: bool | None = None  # decided when the run starts (bubblewrap probed once)
         self._in_flight: dict[Future, Job] = {}
+        self._submitted_at: dict[Future, float] = {}
+        self._seconds_per_job: float | None = None  # moving average of a slot's job, submit to result
         self._guard_runs: dict[str, GuardRun] = {}  # job token -> the guard's run
         self._lost: list[Job] = []  # jobs whose machine went away: first in line again
         self._stop_asked: str | None = None
@@ -194,12 +209,22 @@ class Engine:
         )
 
     def _more_children_wanted(self) -> int:
-        """Breeding tasks to start now: up to a few children per slot queued, plus as many
-        proposals in flight as the breeder has threads (the LLM's request cap). A slow LLM then
-        still keeps pace with fast evaluations, since requests overlap; never more than the
-        evaluations left."""
+        """Breeding tasks to start now; never more than the evaluations left.
+
+        A child's parents are chosen when it is bred, so a child bred ahead misses every result
+        that arrives while it waits: with one worker and three children ahead, each parent was
+        chosen three evaluations late, and a winner went unused for as long. Fast operators (AST,
+        Optuna: milliseconds) are therefore bred just in time, one per free slot. Only when
+        proposals take a noticeable share of an evaluation (an LLM) are children bred ahead, up
+        to READY_PER_SLOT per slot plus as many in flight as the breeder has threads, so a slow
+        LLM keeps pace with fast evaluations."""
         coming = len(self._queued()) + self.breeder.in_flight()
-        more = READY_PER_SLOT * self.executor.capacity() + self.breeder.threads - coming
+        ahead = children_ahead_per_slot(self.breeder.seconds_per_child, self._seconds_per_job,
+                                        self.breeder.uses_llm)
+        if ahead == 0:
+            more = self.executor.capacity() - len(self._in_flight) - coming  # slots free after _fill
+        else:
+            more = ahead * self.executor.capacity() + self.breeder.threads - coming
         limit = self.config.stopping.max_evaluations
         if limit is not None:
             more = min(more, limit - self._children_started() - coming)
@@ -256,6 +281,7 @@ class Engine:
                 for future in done:
                     job = self._in_flight.pop(future, None)
                     if job is not None:
+                        self._time_job(future)
                         error = self._collect(future, job)
                         if error is not None:  # not the variant's fault: a hard stop, whatever else holds
                             break
@@ -278,7 +304,14 @@ class Engine:
             job = self._next_job(children_allowed)
             if job is None:
                 return
-            self._in_flight[self.executor.submit(job)] = job
+            future = self.executor.submit(job)
+            self._in_flight[future] = job
+            self._submitted_at[future] = time.monotonic()
+
+    def _time_job(self, future: Future) -> None:
+        took = time.monotonic() - self._submitted_at.pop(future)
+        last = self._seconds_per_job
+        self._seconds_per_job = took if last is None else 0.7 * last + 0.3 * took
 
     def _collect(self, future: Future, job: Job) -> str | None:
         """Record a finished job; returns a reason when the run must stop (not the variant's fault)."""
@@ -352,6 +385,7 @@ class Engine:
                 continue
             self._record(job, result)  # it finished before the cancel reached it
         self._in_flight.clear()
+        self._submitted_at.clear()
         for job in self._lost:
             self._put_back(job)
         self._lost.clear()

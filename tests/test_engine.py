@@ -300,3 +300,27 @@ def test_a_changed_prepare_stops_the_run_cleanly_and_keeps_the_evaluation_queued
     assert reason.startswith("stopped, nothing more can be evaluated") and "prepare.py" in reason
     individuals, state = RunStore(run_dir).load()
     assert [i.status for i in individuals] == ["pending"] and state["counters"]["evaluations"] == 0
+
+
+def test_fast_operators_breed_each_child_from_the_latest_results(setup_run):
+    """A child's parents are chosen when it is bred, so one bred ahead misses the results that
+    arrive while it waits. AST and Optuna proposals take milliseconds: with one worker each child
+    is bred only once the evaluation before it has finished (guard re-runs in between)."""
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality, seconds=1.0), max_evaluations=6,
+                                  guard={"enabled": True, "noise_runs": 2, "reruns": 2})
+    engine.run()
+    children = sorted(engine.population.individuals.values(), key=lambda i: i.birth)
+    assert len(children) == 6 and all(i.finished_at is not None for i in children)
+    for before, child in zip(children, children[1:]):
+        assert child.created_at >= before.finished_at, (before.id, child.id, before.finished_at, child.created_at)
+
+
+def test_only_slow_proposals_are_bred_ahead():
+    from evo.engine import READY_PER_SLOT, children_ahead_per_slot
+
+    assert children_ahead_per_slot(0.01, 20.0, uses_llm=False) == 0  # AST / Optuna: just in time
+    assert children_ahead_per_slot(0.01, 20.0, uses_llm=True) == 0  # an LLM that answers at once too
+    assert children_ahead_per_slot(30.0, 300.0, uses_llm=True) == 1  # a tenth of a 5-minute run
+    assert children_ahead_per_slot(600.0, 20.0, uses_llm=True) == READY_PER_SLOT  # capped
+    assert children_ahead_per_slot(None, None, uses_llm=True) == READY_PER_SLOT  # not measured yet
+    assert children_ahead_per_slot(None, None, uses_llm=False) == 0
