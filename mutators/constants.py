@@ -47,6 +47,7 @@ class Domain:
     high: float | None = None
     log: bool = False
     choices: list = field(default_factory=list)
+    inferred: bool = False  # guessed from the name and value (infer_domain), not declared in a comment
 
 
 @dataclass
@@ -87,15 +88,15 @@ def infer_domain(name: str, value) -> Domain | None:
         return Domain("bool", choices=[False, True])
     if isinstance(value, int):
         if _is_power_of_two(value):
-            return Domain("int", low=max(1, value // 8), high=value * 8, log=True)
+            return Domain("int", low=max(1, value // 8), high=value * 8, log=True, inferred=True)
         if value > 0:
-            return Domain("int", low=max(1, value // 3), high=value * 3)
+            return Domain("int", low=max(1, value // 3), high=value * 3, inferred=True)
         return None
     if isinstance(value, float):
         if 0 <= value < 1 and _FRACTION_NAMES.search(name):
             return Domain("fraction", low=0.0, high=1.0)
         if value > 0 and math.isfinite(value):
-            return Domain("float", low=value / 30, high=value * 30, log=True)
+            return Domain("float", low=value / 30, high=value * 30, log=True, inferred=True)
         if value == 0:  # switched off (a weight decay, say): may become small positive, and back
             return Domain("float", low=0.0, high=ZERO_FLOAT_HIGH)
     return None

@@ -138,3 +138,21 @@ def test_zero_stays_reachable_once_left():
     assert 0.0 in {move(found["WARMUP_FRAC"], rng) for _ in range(100)}
     leaving = {move(found["WEIGHT_DECAY"], rng) for _ in range(100)}
     assert all(0.0 < v <= 0.2 for v in leaving) and min(leaving) < 0.01 < max(leaving)
+
+
+def test_optuna_moves_an_inferred_constant_at_most_its_reach_and_a_declared_range_as_written(tmp_path):
+    """TPE's first trials are random draws from the space: over an inferred 30x-either-way domain
+    they were mostly wasted runs, so inferred domains reach OPTUNA_REACH either way; a range the
+    seed declares is the user's word."""
+    from mutators.optuna_op import OPTUNA_REACH
+
+    code = SAMPLE + "DECLARED_LR = 0.01  # evo: range(0.0001, 1.0, log)\n"
+    op = OptunaProposals(tmp_path / "r.journal", seed=0, max_changes=3)
+    parent = _values(code)
+    declared_beyond = 0
+    for child in _children(op, Parent("p", code, 2.0), random.Random(0), 40):
+        values = _values(child.code)
+        for name in ("LR", "EMBED_LR", "DEPTH", "BATCH", "GRAD_CLIP"):  # inferred log domains
+            assert parent[name] / OPTUNA_REACH <= values[name] <= parent[name] * OPTUNA_REACH, (name, values[name])
+        declared_beyond += not (0.01 / OPTUNA_REACH <= values["DECLARED_LR"] <= 0.01 * OPTUNA_REACH)
+    assert declared_beyond > 0
