@@ -20,6 +20,7 @@ from typing import Callable
 from evo.population import PENDING, normalized_hash
 from evo.progress import clock
 from evo.recorder import FAILED, IMPROVED, OK, RECENT_OUTCOMES, Recorder
+from evo.stats import moving_average
 from mutators.base import Context, Failure, Idea, Parent, Refusal, Relative
 
 # Operator weights follow each operator's recent yield, a bandit with a floor:
@@ -139,9 +140,7 @@ class Breeder:
         started = time.monotonic()
         child, waiting = self._breed()
         if child is not None:
-            took = time.monotonic() - started
-            last = self.seconds_per_child
-            self.seconds_per_child = took if last is None else 0.7 * last + 0.3 * took
+            self.seconds_per_child = moving_average(self.seconds_per_child, time.monotonic() - started)
         return child, waiting
 
     def _breed(self):

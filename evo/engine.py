@@ -32,6 +32,7 @@ from evo.jobs import CHILD, Job, JobLost
 from evo.population import Individual
 from evo.progress import Snapshot, clock, standing
 from evo.recorder import Counters, Recorder
+from evo.stats import moving_average
 from evo.store import RunStore
 from mutators import registry
 from trainer.runner import (EvaluationUntrusted, EvaluatorFailed, RunCancelled, RunResult, RunSettings,
@@ -309,9 +310,7 @@ class Engine:
             self._submitted_at[future] = time.monotonic()
 
     def _time_job(self, future: Future) -> None:
-        took = time.monotonic() - self._submitted_at.pop(future)
-        last = self._seconds_per_job
-        self._seconds_per_job = took if last is None else 0.7 * last + 0.3 * took
+        self._seconds_per_job = moving_average(self._seconds_per_job, time.monotonic() - self._submitted_at.pop(future))
 
     def _collect(self, future: Future, job: Job) -> str | None:
         """Record a finished job; returns a reason when the run must stop (not the variant's fault)."""

@@ -1,4 +1,4 @@
-"""The few statistics the guard needs, without a scipy dependency."""
+"""The few statistics the guard and the scheduler need, without a scipy dependency."""
 
 from __future__ import annotations
 
@@ -8,6 +8,11 @@ import statistics
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def moving_average(last: float | None, value: float, weight: float = 0.3) -> float:
+    """An exponential moving average that starts at its first value (last None)."""
+    return value if last is None else (1 - weight) * last + weight * value
 
 
 def _betacf(a: float, b: float, x: float) -> float:
