@@ -42,6 +42,8 @@ from trainer.evaluator import Evaluator  # noqa: E402
 from trainer.runner import RunSettings, run_variant, use_sandbox  # noqa: E402
 
 SEED_FILE = ROOT / "trainer" / "train_cpu.py"
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
+DEFAULT = load_config(DEFAULT_CONFIG)
 RERUN_SEEDS = 5000  # fresh seeds for the final re-runs, never used during a search
 
 
@@ -70,8 +72,12 @@ class Evaluations:
 
 
 def _offline_operators(folder: Path, seed: int):
-    return {"perturb": PerturbConstants(2), "optuna": OptunaProposals(folder / "optuna.journal", seed=seed),
-            "crossover": Crossover(3)}
+    """The operators evo's default config uses, built the same way. Greedy and random never pass a
+    parent's winning step, so perturb's pattern move is evo's alone."""
+    m = DEFAULT.mutators
+    return {"perturb": PerturbConstants(m.perturb.max_changes),
+            "optuna": OptunaProposals(folder / "optuna.journal", m.optuna.sampler, seed=seed, max_changes=m.optuna.max_changes),
+            "crossover": Crossover(m.crossover.max_taken)}
 
 
 def _search(method: str, evals: Evaluations, n: int, rng: random.Random, folder: Path) -> tuple[str, dict]:
@@ -81,11 +87,9 @@ def _search(method: str, evals: Evaluations, n: int, rng: random.Random, folder:
     ops = _offline_operators(folder, rng.getrandbits(32))
     best_code, best_val, earlier = seed_code, seed_val, [seed_code]
     seen, waste = {normalized_hash(seed_code)}, {"duplicates": 0, "refused": 0, "failed": 0}
+    weights = {name: w for name, w in DEFAULT.operators.items() if name in ops and w > 0}  # the same mix as evo
     while len(evals.history) < n:
-        if method == "optuna":
-            name = "optuna"
-        else:
-            name = rng.choices(["perturb", "optuna", "crossover"], [1.0, 1.0, 0.5])[0]
+        name = "optuna" if method == "optuna" else rng.choices(list(weights), list(weights.values()))[0]
         base = best_code if method == "greedy" else seed_code
         parents = [Parent("a", base, best_val if method == "greedy" else seed_val)]
         if name == "crossover":
@@ -116,11 +120,11 @@ def _search(method: str, evals: Evaluations, n: int, rng: random.Random, folder:
 
 
 def _evo(evals: Evaluations, n: int, seed: int, folder: Path) -> tuple[str, dict]:
-    config = load_config(ROOT / "configs" / "default.yaml", [
+    config = load_config(DEFAULT_CONFIG, [
         f"run.dir={folder}", "run.name=evo", f"seed={seed}", f"data.dir={evals.args.data_dir}",
         f"budget.seconds={evals.args.budget}", f"stopping.max_evaluations={n}", "stopping.max_hours=null",
         "data.eval_tokens=16384"])
-    engine = start_run(config, ROOT / "configs" / "default.yaml", log=lambda line: None)
+    engine = start_run(config, DEFAULT_CONFIG, log=lambda line: None)
     engine.run()
     individuals, state = RunStore(engine.store.dir).load()
     for i in sorted(individuals, key=lambda i: i.birth):

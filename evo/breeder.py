@@ -164,7 +164,7 @@ class Breeder:
                 if len(chosen) < operator.parents_needed:  # no second code to cross with yet
                     self.recorder.refused(operator.name, "no evaluated variant with different code to cross with yet")
                     continue
-                parents = [Parent(p.id, self.recorder.code_of(p.id), p.val_bpb) for p in chosen]
+                parents = [Parent(p.id, self.recorder.code_of(p.id), p.val_bpb, self._winning_move(p)) for p in chosen]
                 context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
                 op_rng = random.Random(self.recorder.rng.getrandbits(64))  # operators never share the engine's RNG
             proposal = self._propose(operator, parents, op_rng, context)
@@ -208,6 +208,25 @@ class Breeder:
                 break
             chosen.append(mate)
         return chosen
+
+    def _winning_move(self, individual) -> dict:
+        """The constant changes that made `individual` from its first parent, when it scores better
+        than that parent (re-run means where they exist) and no child of it has repeated them yet;
+        else {}. Read from the population, so a resumed run follows the same steps. Caller holds
+        the lock."""
+        parent = self.population.individuals.get(individual.parents[0]) if individual.parents else None
+        if parent is None or not individual.evaluated_ok:
+            return {}
+        mine, theirs = self.population.score(individual), self.population.score(parent)
+        if mine is None or theirs is None or mine >= theirs:
+            return {}
+        changes = json.loads(individual.details or "{}").get("changes")
+        if not isinstance(changes, dict):
+            return {}
+        # Once is enough: a second child repeating the same step would be the same code again.
+        if any(c.parents[:1] == [individual.id] and '"follows"' in c.details for c in self.population.individuals.values()):
+            return {}
+        return changes
 
     def _propose(self, operator, parents, rng, context):
         """The operator's proposal; an exception in an operator is a refusal, never the end of the run."""

@@ -84,6 +84,8 @@ class WorkersSection(Section):
 
 class PerturbSettings(Section):
     max_changes: int = Field(2, ge=1, description="constants moved per child, at most")
+    follow: float = Field(1.0, ge=0, le=1, description="chance that a winner's first perturb child takes the "
+                          "winning step again (the pattern move); 0 turns it off")
 
 
 class CrossoverSettings(Section):

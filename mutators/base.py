@@ -40,6 +40,9 @@ class Parent:
     id: str
     code: str
     val_bpb: float | None
+    # The constant changes (name -> [old source, new source]) that made this parent from its own
+    # parent, when it scored better than that parent; empty otherwise. Perturb may repeat them.
+    winning_move: dict = field(default_factory=dict)
 
 
 class Operator(Protocol):

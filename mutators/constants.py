@@ -256,14 +256,49 @@ def replace_constants(code: str, new_values: dict[str, str]) -> str:
     return parse(code).visit(Replace()).code
 
 
+# The pattern move (Hooke and Jeeves): when the parent was made by a constant change that beat its
+# own parent, its first perturb child takes the same step again (DEPTH 4 -> 2 won, so try 2 -> 1;
+# a learning rate x1.5 won, so try x1.5 more), with this probability. Greedy search only ever draws
+# a fresh random step; following a direction that already paid is how a population's memory helps.
+# The breeder offers each winning step once (evo/breeder.py, _winning_move).
+FOLLOW_P = 1.0
+
+
+def step_again(constant: Constant, old_source: str, new_source: str):
+    """The constant's value moved once more by the step old -> new, within its domain; None when
+    that step cannot be repeated (a choice, a tuple, a sign change, no room left)."""
+    old, new, value, d = _evaluate(old_source), _evaluate(new_source), constant.value, constant.domain
+    numbers = (int, float)
+    if isinstance(d, list) or any(isinstance(v, bool) or not isinstance(v, numbers) for v in (old, new, value)):
+        return None
+    if d.kind == "fraction":  # the same step in logit space, so it stays strictly inside (0, 1)
+        if not all(0 < v < 1 for v in (old, new, value)):
+            return None
+        logit = lambda v: math.log(v / (1 - v))  # noqa: E731
+        step = logit(new) - logit(old)
+        return round(1 / (1 + math.exp(-(logit(value) + step))), 4)
+    if not d.log:  # a linear domain: the same difference
+        moved = value + (new - old)
+    elif old > 0 and new > 0 and value > 0:  # a log domain: the same factor
+        moved = value * (new / old)
+    else:
+        return None
+    moved = _clamp(moved, d)
+    if d.kind == "int":
+        moved = int(round(moved))
+    return moved if moved != value else None
+
+
 class PerturbConstants:
-    """Moves one or a few hyperparameters by one step each, within their domains."""
+    """Moves one or a few hyperparameters by one step each, within their domains; or, from a
+    parent whose own step paid off, takes that step once more (FOLLOW_P)."""
 
     name = "perturb"
     parents_needed = 1
 
-    def __init__(self, max_changes: int = 2):
+    def __init__(self, max_changes: int = 2, follow: float = FOLLOW_P):
         self.max_changes = max_changes
+        self.follow = follow
 
     def propose(self, parents: list[Parent], rng: random.Random) -> Proposal | Refusal:
         parent = parents[0]
@@ -273,14 +308,34 @@ class PerturbConstants:
             return Refusal(self.name, f"cannot read the parent's constants: {e}")
         if not constants:
             return Refusal(self.name, "no module-level constants to perturb")
-        chosen = rng.sample(constants, k=min(len(constants), rng.randint(1, self.max_changes)))
-        changes = {}
-        for c in chosen:
-            new = move(c, rng)
-            if new != c.value:
-                changes[c.name] = (c.source, render(new))
+        changes, follows = {}, ""
+        if parent.winning_move and rng.random() < self.follow:
+            changes = self._again(constants, parent.winning_move)
+            follows = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in parent.winning_move.items())
+        if not changes:
+            follows = ""
+            chosen = rng.sample(constants, k=min(len(constants), rng.randint(1, self.max_changes)))
+            for c in chosen:
+                new = move(c, rng)
+                if new != c.value:
+                    changes[c.name] = (c.source, render(new))
         if not changes:
             return Refusal(self.name, "no constant moved (all at the edge of their domain)")
         code = replace_constants(parent.code, {name: new for name, (_, new) in changes.items()})
         hypothesis = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in changes.items())
-        return checked(Proposal(code, self.name, {"changes": changes}, hypothesis), parent.code)
+        details = {"changes": changes}
+        if follows:
+            hypothesis += f" (the parent's winning step again: {follows})"
+            details["follows"] = parent.id
+        return checked(Proposal(code, self.name, details, hypothesis), parent.code)
+
+    @staticmethod
+    def _again(constants: list[Constant], winning_move: dict) -> dict:
+        by_name = {c.name: c for c in constants}
+        changes = {}
+        for name, (old, new) in winning_move.items():
+            constant = by_name.get(name)
+            moved = step_again(constant, old, new) if constant is not None else None
+            if moved is not None:
+                changes[name] = (constant.source, render(moved))
+        return changes

@@ -213,7 +213,8 @@ class OptunaProposals:
             study.tell(trial.number, state=TrialState.PRUNED)
         else:
             return Refusal(self.name, "the sampler proposed the parent's own values")
-        details = {"study": study.study_name, "trial": trial.number}
+        details = {"study": study.study_name, "trial": trial.number,
+                   "changes": {n: (old[n], v) for n, v in moved.items()}}
         code = replace_constants(parent.code, moved)
         hypothesis = ", ".join(f"{n} {old[n]} -> {v}" for n, v in moved.items())
         result = checked(Proposal(code, self.name, details, hypothesis), parent.code)

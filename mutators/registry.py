@@ -29,7 +29,8 @@ def _llm_crossover(config, run_dir: Path):
 
 
 OPERATORS = {
-    "perturb": lambda config, run_dir: PerturbConstants(config.mutators.perturb.max_changes),
+    "perturb": lambda config, run_dir: PerturbConstants(config.mutators.perturb.max_changes,
+                                                        config.mutators.perturb.follow),
     "crossover": lambda config, run_dir: Crossover(config.mutators.crossover.max_taken),
     "optuna": _optuna,
     "llm": _llm,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mutators.base import Parent, Proposal, Refusal
-from mutators.constants import CommentError, PerturbConstants, find_constants, move, replace_constants
+from mutators.constants import CommentError, PerturbConstants, find_constants, move, replace_constants, step_again
 from mutators.crossover import Crossover
 from mutators.optuna_op import OptunaProposals
 
@@ -89,6 +89,39 @@ def test_replace_keeps_formatting_and_comments_byte_for_byte():
 def test_no_constants_is_a_refusal():
     result = PerturbConstants().propose([Parent("p", "print('hi')\n", None)], random.Random(0))
     assert isinstance(result, Refusal) and "no module-level constants" in result.reason
+
+
+def test_a_winning_step_can_be_taken_again_within_its_domain():
+    found = {c.name: c for c in find_constants(SAMPLE)}
+    assert step_again(found["DEPTH"], "16", "8") == 4  # halved and won: halve again
+    assert step_again(found["LR"], "2e-4", "3e-4") == pytest.approx(4.5e-4)  # the same factor
+    assert step_again(found["WD"], "0.05", "0.1") == pytest.approx(0.15)  # linear range: the same difference
+    assert step_again(found["WD"], "0.0", "0.1") == pytest.approx(0.2)  # off -> on, then the same again
+    assert step_again(found["WD"], "0.0", "0.15") == 0.2  # 0.25 is past the range: up to its edge
+    at_edge = find_constants("WD = 0.2  # evo: range(0.0, 0.2)\n")[0]
+    assert step_again(at_edge, "0.1", "0.2") is None  # no room left
+    assert step_again(found["ACT"], "'gelu'", "'relu2'") is None  # a choice has no direction
+    assert step_again(found["BETAS"], "(0.9, 0.9)", "(0.9, 0.95)") is None  # nor does a tuple, here
+    beta = find_constants("BETA = 0.9\n")[0]
+    stepped = step_again(beta, "0.8", "0.9")  # a fraction steps in logit space: stays below 1
+    assert 0.9 < stepped < 1
+
+
+def test_perturb_follows_the_parents_winning_step():
+    winner = Parent("p", SAMPLE, 2.0, winning_move={"DEPTH": ["16", "8"], "LR": ["2e-4", "3e-4"]})
+    follower = PerturbConstants(follow=1.0).propose([winner], random.Random(0))
+    assert isinstance(follower, Proposal), follower
+    assert follower.details == {"changes": {"DEPTH": ("8", "4"), "LR": ("3e-4", "0.00045")}, "follows": "p"}
+    assert "DEPTH = 4  # layers" in follower.code and "LR = 0.00045" in follower.code
+    assert "the parent's winning step again: DEPTH 16 -> 8, LR 2e-4 -> 3e-4" in follower.hypothesis
+    # Never with follow 0, and never from a parent without a winning step: a fresh random step.
+    for parent, follow in ((winner, 0.0), (Parent("p", SAMPLE, 2.0), 1.0)):
+        child = PerturbConstants(follow=follow).propose([parent], random.Random(0))
+        assert isinstance(child, Proposal) and "follows" not in child.details
+    # A step that cannot be repeated (a choice) falls back to a fresh random step.
+    stuck = PerturbConstants(follow=1.0).propose([Parent("p", SAMPLE, 2.0, {"ACT": ["'gelu'", "'relu2'"]})],
+                                                 random.Random(0))
+    assert isinstance(stuck, Proposal) and "follows" not in stuck.details
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda p: p.name)

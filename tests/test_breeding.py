@@ -3,6 +3,7 @@ weights that follow each operator's yield. Whole runs on the fake executor, no p
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import threading
@@ -237,3 +238,32 @@ def test_an_operator_that_always_refuses_is_drawn_far_less_but_never_starved_and
     assert re.search(r"crossover .* 1 -> 0\.\d\d \(\d+% of draws\)", text), text
     resumed = resume_run(run_dir, ["stopping.max_evaluations=61"], log=lambda line: None)
     assert resumed.counters.recent == recent  # the weights go on where they were
+
+
+def test_perturb_repeats_a_step_once_exactly_when_it_made_its_parent_better(setup_run):
+    """The breeder tells perturb which step made a parent better than its own parent (the
+    pattern move), until one child has repeated it (a second would be the same code); a parent
+    that did not beat its parent gets no step to repeat."""
+    from mutators.constants import PerturbConstants
+
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), max_evaluations=20,
+                                  ops={"perturb": PerturbConstants(max_changes=1)}, population={"islands": 1})
+    engine.run()
+    individuals, _ = RunStore(run_dir).load()
+    by_id = {i.id: i for i in individuals}
+    followed = set()
+    for child in individuals[1:]:
+        parent = by_id[child.parents[0]]
+        grandparent = by_id.get(parent.parents[0]) if parent.parents else None
+        won = grandparent is not None and parent.val_bpb < grandparent.val_bpb
+        details = json.loads(child.details)
+        # QUALITY (the only constant that changes the score) always has room to step again: a
+        # winner's first child repeats its step, any other child draws a fresh one.
+        assert ("follows" in details) == (won and parent.id not in followed), (child.id, parent.id, details)
+        if "follows" in details:
+            followed.add(parent.id)
+            step = json.loads(parent.details)["changes"]
+            assert set(details["changes"]) == set(step)
+            for name, (old, new) in step.items():
+                assert details["changes"][name][0] == new  # from where the parent's step ended
+    assert followed  # QUALITY moves toward 1.0 win, so winners occur
