@@ -75,6 +75,7 @@ class Breeder:
         self.fruitless = 0  # breeding tasks in a row that produced nothing (outages and cancels aside)
         self.outages: dict[str, Outage] = {}
         self._next_island = 0
+        self._followed: set[str] | None = None  # winners whose step has been handed out (_winning_move)
         for operator in operators.values():
             if hasattr(operator, "set_cancel"):  # LLM operators abandon requests in flight on cancel
                 operator.set_cancel(cancel)
@@ -164,7 +165,9 @@ class Breeder:
                 if len(chosen) < operator.parents_needed:  # no second code to cross with yet
                     self.recorder.refused(operator.name, "no evaluated variant with different code to cross with yet")
                     continue
-                parents = [Parent(p.id, self.recorder.code_of(p.id), p.val_bpb, self._winning_move(p)) for p in chosen]
+                follows = getattr(operator, "follows_winning_steps", False)
+                parents = [Parent(p.id, self.recorder.code_of(p.id), p.val_bpb, self._winning_move(p) if follows else {})
+                           for p in chosen]
                 context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
                 op_rng = random.Random(self.recorder.rng.getrandbits(64))  # operators never share the engine's RNG
             proposal = self._propose(operator, parents, op_rng, context)
@@ -211,9 +214,18 @@ class Breeder:
 
     def _winning_move(self, individual) -> dict:
         """The constant changes that made `individual` from its first parent, when it scores better
-        than that parent (re-run means where they exist) and no child of it has repeated them yet;
-        else {}. Read from the population, so a resumed run follows the same steps. Caller holds
-        the lock."""
+        than that parent (re-run means where they exist); {} otherwise, and once it has been handed
+        out: each winning step is offered once, whether its child is then evaluated, refused or a
+        duplicate. Read from the population (a child with "follows" marks a step used), so a
+        resumed run goes on where it stopped. Caller holds the lock."""
+        if self._followed is None:
+            self._followed = set()
+            for child in self.population.individuals.values():
+                follows = json.loads(child.details or "{}").get("follows")
+                if follows:
+                    self._followed.add(follows)
+        if individual.id in self._followed:
+            return {}
         parent = self.population.individuals.get(individual.parents[0]) if individual.parents else None
         if parent is None or not individual.evaluated_ok:
             return {}
@@ -221,11 +233,9 @@ class Breeder:
         if mine is None or theirs is None or mine >= theirs:
             return {}
         changes = json.loads(individual.details or "{}").get("changes")
-        if not isinstance(changes, dict):
+        if not isinstance(changes, dict) or not changes:
             return {}
-        # Once is enough: a second child repeating the same step would be the same code again.
-        if any(c.parents[:1] == [individual.id] and '"follows"' in c.details for c in self.population.individuals.values()):
-            return {}
+        self._followed.add(individual.id)
         return changes
 
     def _propose(self, operator, parents, rng, context):

@@ -41,6 +41,15 @@ def champion_of(population: Population, guard: Guard):
     return population.best(), None
 
 
+RERUN_MEAN, FIRST_DRAW = "re-run mean", "first draw (never re-run)"
+
+
+def champion_score(champion, stats) -> tuple[float | None, str]:
+    """The champion's number and which number it is, the same in every report: the mean of the
+    guard's re-runs where champion_of found them, else its single first draw."""
+    return (stats["val_mean"], RERUN_MEAN) if stats else (champion.val_bpb, FIRST_DRAW)
+
+
 def trust_note(metrics_json: str) -> str:
     """How a score was obtained, in words, when it is less than sealed and sandboxed."""
     metrics = json.loads(metrics_json or "{}")
@@ -94,7 +103,7 @@ def _untrained_lines(population: Population, guard: Guard, store: RunStore | Non
     log = store.variant_dir(champion.id) / "log.txt"
     facts = [f for f in (evaluation_size(metrics), reported_training(log)) if f]
     lines = [f"  each evaluation: {'; '.join(facts)}"] if facts else []
-    value = stats["val_mean"] if stats else champion.val_bpb
+    value, _ = champion_score(champion, stats)
     warning = untrained_warning(f"the champion {champion.id}", value, metrics, vocab, log)
     return lines + ([f"  {'!' * 78}", f"  {warning}", f"  {'!' * 78}"] if warning else [])
 
@@ -200,17 +209,18 @@ def export(run_dir: str | Path, out_dir: str | Path | None = None, variant: str 
         for i in population.lineage(champion.id)
     ]
     metrics = json.loads(champion.metrics)
+    value, label = champion_score(champion, stats)
     metadata = {
         "id": champion.id,
         "status": champion.status,
         "reason": champion.reason,
         "is_champion": best is not None and best.id == champion.id,
         "verdict": champion.verdict,
-        "val_bpb": stats["val_mean"] if stats else champion.val_bpb,
+        "val_bpb": value,
         "scored": "sealed (a separate evaluator scored the handed-over model)" if metrics.get("sealed", True)
                   else "UNSEALED (scored inside the variant's own process, which could forge it)",
         "sandbox": metrics.get("sandbox", "unknown"),
-        "val_bpb_is": "mean of the guard's re-runs" if stats else "first draw (never re-run)",
+        "val_bpb_is": label,
         "guard": stats,
         "heldout_consulted": guard.heldout_consulted,  # held_mean above was looked at by this many promotion decisions
         "first_draw_val_bpb": champion.val_bpb,

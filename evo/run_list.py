@@ -15,7 +15,7 @@ from pathlib import Path
 
 from evo.lock import holder
 from evo.progress import clock
-from evo.report import champion_of, load_population
+from evo.report import champion_of, champion_score, load_population
 from evo.store import POPULATION, RunStore, StoreError
 
 RUNNING, FINISHED, STOPPED, RESUMABLE, UNREADABLE = "running", "finished", "stopped", "resumable", "unreadable"
@@ -47,8 +47,8 @@ def run_summary(run_dir: str | Path) -> dict:
                "champion": None, "val_bpb": None, "val_bpb_is": None, "created": info.get("created"),
                "updated": (store.dir / POPULATION).stat().st_mtime}
     if champion is not None:
-        summary.update(champion=champion.id, val_bpb=stats["val_mean"] if stats else champion.val_bpb,
-                       val_bpb_is="re-run mean" if stats else "first draw")
+        value, label = champion_score(champion, stats)
+        summary.update(champion=champion.id, val_bpb=value, val_bpb_is=label)
     return summary
 
 

@@ -13,7 +13,7 @@ import json
 from evo.config import load_config
 from evo.operator_table import operator_rows
 from evo.population import PENDING
-from evo.report import champion_of, load_population
+from evo.report import champion_of, champion_score, load_population
 from evo.run_list import run_state
 from evo.store import RunStore
 
@@ -59,9 +59,9 @@ def _champion(population, guard) -> dict | None:
     champion, stats = champion_of(population, guard)
     if champion is None:
         return None
+    value, label = champion_score(champion, stats)
     return {"id": champion.id, "operator": champion.operator, "first_draw_val_bpb": champion.val_bpb,
-            "val_bpb": stats["val_mean"] if stats else champion.val_bpb,
-            "val_bpb_is": "re-run mean" if stats else "first draw (not re-run: no noise floor yet)",
+            "val_bpb": value, "val_bpb_is": label,
             **(stats or {}), **_trust(champion.metrics),
             "heldout_consulted": guard.heldout_consulted}  # beside every held-out number: how often selection looked
 

@@ -262,31 +262,37 @@ def replace_constants(code: str, new_values: dict[str, str]) -> str:
 # a fresh random step; following a direction that already paid is how a population's memory helps.
 # The breeder offers each winning step once (evo/breeder.py, _winning_move).
 FOLLOW_P = 1.0
+FRACTION_EDGE = 1e-4  # a repeated fraction step stays this far inside (0, 1): a beta of 1.0 breaks Adam
 
 
 def step_again(constant: Constant, old_source: str, new_source: str):
-    """The constant's value moved once more by the step old -> new, within its domain; None when
-    that step cannot be repeated (a choice, a tuple, a sign change, no room left)."""
+    """The constant's value moved once more by the step old -> new, within its domain: the same
+    factor on a log domain, the same difference on a linear one, the same logit step for a
+    fraction. None when that step cannot be repeated: a choice or flag, a tuple, a sign change, a
+    step from zero on a domain now inferred as log, or no room left."""
     old, new, value, d = _evaluate(old_source), _evaluate(new_source), constant.value, constant.domain
     numbers = (int, float)
-    if isinstance(d, list) or any(isinstance(v, bool) or not isinstance(v, numbers) for v in (old, new, value)):
+    if isinstance(d, list) or d.kind in ("bool", "choice"):
         return None
-    if d.kind == "fraction":  # the same step in logit space, so it stays strictly inside (0, 1)
+    if any(isinstance(v, bool) or not isinstance(v, numbers) for v in (old, new, value)):
+        return None
+    if d.kind == "fraction":
         if not all(0 < v < 1 for v in (old, new, value)):
             return None
         logit = lambda v: math.log(v / (1 - v))  # noqa: E731
-        step = logit(new) - logit(old)
-        return round(1 / (1 + math.exp(-(logit(value) + step))), 4)
-    if not d.log:  # a linear domain: the same difference
-        moved = value + (new - old)
-    elif old > 0 and new > 0 and value > 0:  # a log domain: the same factor
-        moved = value * (new / old)
+        moved = 1 / (1 + math.exp(-(logit(value) + logit(new) - logit(old))))
+        moved = round(min(max(moved, FRACTION_EDGE), 1 - FRACTION_EDGE), 4)
     else:
-        return None
-    moved = _clamp(moved, d)
-    if d.kind == "int":
-        moved = int(round(moved))
-    return moved if moved != value else None
+        if not d.log:  # a linear domain: the same difference
+            moved = value + (new - old)
+        elif old > 0 and new > 0 and value > 0:  # a log domain: the same factor
+            moved = value * (new / old)
+        else:
+            return None
+        moved = _clamp(moved, d)
+        moved = int(round(moved)) if d.kind == "int" else moved
+    # Compared as written: a float repeated into the same 4 significant digits is no move.
+    return moved if render(moved) != render(value) else None
 
 
 class PerturbConstants:
@@ -295,6 +301,7 @@ class PerturbConstants:
 
     name = "perturb"
     parents_needed = 1
+    follows_winning_steps = True  # the breeder hands it a parent's winning step (Parent.winning_move)
 
     def __init__(self, max_changes: int = 2, follow: float = FOLLOW_P):
         self.max_changes = max_changes
@@ -308,12 +315,11 @@ class PerturbConstants:
             return Refusal(self.name, f"cannot read the parent's constants: {e}")
         if not constants:
             return Refusal(self.name, "no module-level constants to perturb")
-        changes, follows = {}, ""
+        changes = {}
         if parent.winning_move and rng.random() < self.follow:
             changes = self._again(constants, parent.winning_move)
-            follows = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in parent.winning_move.items())
-        if not changes:
-            follows = ""
+        follows = ", ".join(f"{name} {parent.winning_move[name][0]} -> {parent.winning_move[name][1]}" for name in changes)
+        if not changes:  # nothing to repeat: a fresh random step
             chosen = rng.sample(constants, k=min(len(constants), rng.randint(1, self.max_changes)))
             for c in chosen:
                 new = move(c, rng)

@@ -103,8 +103,14 @@ def test_a_winning_step_can_be_taken_again_within_its_domain():
     assert step_again(found["ACT"], "'gelu'", "'relu2'") is None  # a choice has no direction
     assert step_again(found["BETAS"], "(0.9, 0.9)", "(0.9, 0.95)") is None  # nor does a tuple, here
     beta = find_constants("BETA = 0.9\n")[0]
-    stepped = step_again(beta, "0.8", "0.9")  # a fraction steps in logit space: stays below 1
-    assert 0.9 < stepped < 1
+    assert step_again(beta, "0.8", "0.9") == pytest.approx(0.9529, abs=1e-4)  # the same logit step
+    near_one = find_constants("BETA = 0.999\n")[0]
+    assert step_again(near_one, "0.95", "0.999") == 0.9999  # stays inside (0, 1), never 1.0
+    assert step_again(find_constants("BETA = 0.9999\n")[0], "0.95", "0.999") is None  # no room left
+    assert step_again(find_constants("B = 32  # evo: choice(16, 32, 64)\n")[0], "16", "32") is None
+    assert step_again(find_constants("STEPS = 300\n")[0], "300", "300.4") is None  # rounds back: no move
+    assert step_again(find_constants("TOKENS = 2**11\n")[0], "2**12", "2**11") == 2**10
+    assert step_again(find_constants("LR = 0.0003\n")[0], "0.0", "0.0003") is None  # from off: now a log domain
 
 
 def test_perturb_follows_the_parents_winning_step():

@@ -267,3 +267,14 @@ def test_perturb_repeats_a_step_once_exactly_when_it_made_its_parent_better(setu
             for name, (old, new) in step.items():
                 assert details["changes"][name][0] == new  # from where the parent's step ended
     assert followed  # QUALITY moves toward 1.0 win, so winners occur
+
+    # Each step is handed out once, even when its child never gets recorded (a duplicate, a
+    # refusal, two breeder threads at once); a new process (resume) reads the used ones back.
+    breeder, winner = engine.breeder, engine.population.individuals[sorted(followed)[0]]
+    with engine.recorder.lock:
+        assert breeder._winning_move(winner) == {}
+        breeder._followed = None  # as after a resume: rebuilt from the children's details
+        assert breeder._winning_move(winner) == {}
+        breeder._followed.discard(winner.id)  # as if not handed out yet
+        assert breeder._winning_move(winner) == json.loads(winner.details)["changes"]
+        assert breeder._winning_move(winner) == {}
