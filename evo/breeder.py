@@ -214,7 +214,8 @@ class Breeder:
 
     def _winning_move(self, individual) -> dict:
         """The constant changes that made `individual` from its first parent, when it scores better
-        than that parent (re-run means where they exist); {} otherwise, and once it has been handed
+        than that parent by more than the guard's noise floor sigma (re-run means where they exist;
+        no floor before it is measured or without the guard); {} otherwise, and once it has been handed
         out: each winning step is offered once, whether its child is then evaluated, refused or a
         duplicate. Read from the population (a child with "follows" marks a step used), so a
         resumed run goes on where it stopped. Caller holds the lock."""
@@ -230,7 +231,8 @@ class Breeder:
         if parent is None or not individual.evaluated_ok:
             return {}
         mine, theirs = self.population.score(individual), self.population.score(parent)
-        if mine is None or theirs is None or mine >= theirs:
+        noise = self.recorder.guard.sigma() or 0.0  # a gain inside the seed's own spread is no direction
+        if mine is None or theirs is None or theirs - mine <= noise:
             return {}
         changes = json.loads(individual.details or "{}").get("changes")
         if not isinstance(changes, dict) or not changes:

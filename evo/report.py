@@ -41,7 +41,7 @@ def champion_of(population: Population, guard: Guard):
     return population.best(), None
 
 
-RERUN_MEAN, FIRST_DRAW = "re-run mean", "first draw (never re-run)"
+RERUN_MEAN, FIRST_DRAW = "re-run mean", "first draw, never re-run"
 
 
 def champion_score(champion, stats) -> tuple[float | None, str]:

@@ -94,7 +94,7 @@ def infer_domain(name: str, value) -> Domain | None:
         return None
     if isinstance(value, float):
         if 0 <= value < 1 and _FRACTION_NAMES.search(name):
-            return Domain("fraction", low=0.0, high=1.0)
+            return Domain("fraction", low=0.0, high=1.0, inferred=True)
         if value > 0 and math.isfinite(value):
             return Domain("float", low=value / 30, high=value * 30, log=True, inferred=True)
         if value == 0:  # switched off (a weight decay, say): may become small positive, and back

@@ -276,5 +276,10 @@ def test_perturb_repeats_a_step_once_exactly_when_it_made_its_parent_better(setu
         breeder._followed = None  # as after a resume: rebuilt from the children's details
         assert breeder._winning_move(winner) == {}
         breeder._followed.discard(winner.id)  # as if not handed out yet
+        parent = engine.population.individuals[winner.parents[0]]
+        gain = parent.val_bpb - winner.val_bpb
+        engine.recorder.guard.sigma = lambda: gain  # a gain no larger than the seed's own spread: no direction
+        assert breeder._winning_move(winner) == {}
+        engine.recorder.guard.sigma = lambda: gain / 2
         assert breeder._winning_move(winner) == json.loads(winner.details)["changes"]
         assert breeder._winning_move(winner) == {}

@@ -142,17 +142,23 @@ def test_zero_stays_reachable_once_left():
 
 def test_optuna_moves_an_inferred_constant_at_most_its_reach_and_a_declared_range_as_written(tmp_path):
     """TPE's first trials are random draws from the space: over an inferred 30x-either-way domain
-    they were mostly wasted runs, so inferred domains reach OPTUNA_REACH either way; a range the
-    seed declares is the user's word."""
+    they were mostly wasted runs (a beta2 of 0.95 became 0.22), so inferred domains reach
+    OPTUNA_REACH either way (for a fraction, on its odds); a range the seed declares is the
+    user's word."""
     from mutators.optuna_op import OPTUNA_REACH
 
     code = SAMPLE + "DECLARED_LR = 0.01  # evo: range(0.0001, 1.0, log)\n"
     op = OptunaProposals(tmp_path / "r.journal", seed=0, max_changes=3)
     parent = _values(code)
-    declared_beyond = 0
+    declared_beyond, moved_fractions = 0, set()
     for child in _children(op, Parent("p", code, 2.0), random.Random(0), 40):
         values = _values(child.code)
         for name in ("LR", "EMBED_LR", "DEPTH", "BATCH", "GRAD_CLIP"):  # inferred log domains
             assert parent[name] / OPTUNA_REACH <= values[name] <= parent[name] * OPTUNA_REACH, (name, values[name])
+        for name, new, old in (("COOLDOWN_FRAC", values["COOLDOWN_FRAC"], parent["COOLDOWN_FRAC"]),
+                               ("BETAS[1]", values["BETAS[1]"], parent["BETAS[1]"])):  # fractions: the reach on the odds
+            odds, old_odds = new / (1 - new), old / (1 - old)
+            assert old_odds / OPTUNA_REACH * 0.999 <= odds <= old_odds * OPTUNA_REACH * 1.001, (name, new)
+            moved_fractions.add(name) if new != old else None
         declared_beyond += not (0.01 / OPTUNA_REACH <= values["DECLARED_LR"] <= 0.01 * OPTUNA_REACH)
-    assert declared_beyond > 0
+    assert declared_beyond > 0 and moved_fractions == {"COOLDOWN_FRAC", "BETAS[1]"}
