@@ -170,7 +170,8 @@ class ExecutorSection(Section):
 class Config(Section):
     run: RunSection = RunSection()
     seed_file: str = Field("trainer/train_cpu.py", description="the seed variant; relative paths from the config's folder's parent, then the cwd")
-    seed: int = Field(0, description="the engine's RNG seed (parent choice, operators)")
+    seed: int = Field(0, description="the engine's RNG seed (parent choice, operators) and the seed variant's "
+                      "EVO_SEED; each child's first evaluation gets a fresh seed drawn from it and its birth")
     data: DataSection = DataSection()
     budget: BudgetSection = BudgetSection()
     population: PopulationSection = PopulationSection()

@@ -186,7 +186,7 @@ class Engine:
             if not individual.run_token:
                 individual.run_token = uuid.uuid4().hex
             smoke = self.config.cascade.smoke_seconds if individual.operator != "seed" else 0.0
-            return Job(CHILD, individual.id, self.recorder.code_of(individual.id), self.run_settings(),
+            return Job(CHILD, individual.id, self.recorder.code_of(individual.id), self.run_settings(seed=individual.eval_seed),
                        str(self.store.variant_dir(individual.id)), individual.run_token, smoke_seconds=smoke)
 
     def _guard_job(self, run: GuardRun) -> Job:

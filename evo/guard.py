@@ -1,9 +1,8 @@
 """The guard: who may become champion, and what its score honestly is.
 
 - Noise floor: the seed is re-run k times with new seeds; their spread is sigma.
-- Candidates: a variant whose first val_bpb, less the evaluation seed's offset (`seed_offset`),
-  beats the champion's mean by more than max(min_delta, z * sigma) is re-run n times with new
-  seeds, held-out split scored.
+- Candidates: a variant whose first val_bpb beats the champion's mean by more than
+  max(min_delta, z * sigma) is re-run n times with new seeds, held-out split scored.
 - Promotion: a one-sided Welch test of its re-runs against the champion's gives p < alpha, the
   mean gain is at least min_delta, and its held-out mean beats the champion's held-out mean.
 - Reported scores are re-run means; the first (selected, so lucky) draw is shown as a gap.
@@ -88,7 +87,7 @@ class Guard:
         self.queue: list[GuardRun] = []
         self.running: list[GuardRun] = []
         self.champions: list[str] = []  # ids, oldest first; the last is the champion
-        self.next_seed = 1000  # re-run seeds never collide with the evaluation seed
+        self.next_seed = 1000  # re-run seeds never collide with evaluation seeds (recorder.evaluation_seed)
         self.deferred: list[tuple[str, float]] = []  # candidates seen before the floor was known
         self.heldout_consulted = 0  # promotion decisions that looked at held-out numbers
 
@@ -126,18 +125,6 @@ class Guard:
         stats = seed.stats() if seed and len(seed.ok()) >= 2 else None
         return stats["val_std"] if stats else None
 
-    def seed_offset(self) -> float:
-        """How far the evaluation seed lands from fresh seeds: the seed variant's first draw minus
-        the mean of its noise runs (0 until two are in, and without the guard). Every child's
-        first draw uses that one evaluation seed, and the guard's runs use fresh ones. So a first
-        draw is set against a re-run mean only after this is subtracted: in the search benchmark,
-        evaluation seed 0 scored 0.030 to 0.043 below fresh seeds in every run, about 2.5 sigma,
-        which made noise look like gains."""
-        record = self.records.get(self.champions[0]) if self.champions else None
-        if record is None or record.first_val is None or len(record.ok()) < 2:
-            return 0.0
-        return record.first_val - record.stats()["val_mean"]
-
     def sigma(self) -> float | None:
         """The noise floor the guard decides with: never below min_sigma, so a floor of 0 (identical
         noise runs) cannot let every difference pass as significant."""
@@ -170,13 +157,12 @@ class Guard:
         if champion is None or sigma is None or len(self.champion.samples) < self.champion.expected:
             self.deferred.append((individual_id, val_bpb))  # decided once the floor is measured
             return False
-        margin, offset = max(self.s.min_delta, self.s.z * sigma), self.seed_offset()
-        if val_bpb - offset >= champion["val_mean"] - margin:
+        margin = max(self.s.min_delta, self.s.z * sigma)
+        if val_bpb >= champion["val_mean"] - margin:
             return False
         self.records[individual_id] = Record(individual_id, val_bpb, expected=self.s.reruns)
         self._seed_jobs(individual_id, RERUN, self.s.reruns)
-        adjusted = f", {val_bpb - offset:.4f} less the evaluation seed's offset {offset:+.4f}" if offset else ""
-        self.log(f"guard: {individual_id} ({val_bpb:.4f}{adjusted}) beats champion {self.champion.id} "
+        self.log(f"guard: {individual_id} ({val_bpb:.4f}) beats champion {self.champion.id} "
                  f"({champion['val_mean']:.4f}) by more than {margin:.4f}; {self.s.reruns} re-runs queued")
         return True
 

@@ -5,8 +5,7 @@ the best are never lost: elitism is built in), plus the migrants it received. Pa
 a tournament among an island's members; failed variants are never members.
 
 "Best" is by selection score, one number per individual (`score`): the mean of its guard re-runs
-once it has at least two ok ones, else its first draw less the evaluation seed's offset (every
-first draw shares one evaluation seed; re-runs use fresh ones: Guard.seed_offset). A variant the guard re-ran therefore
+once it has at least two ok ones, else its first draw. A variant the guard re-ran therefore
 competes on its honest mean, not on the lucky draw that made it a candidate; one whose re-runs
 mostly failed ranks after every variant that did not (`rerun_failed`). The guard feeds both
 through `attach_guard`; without a guard every score is a first draw.
@@ -80,27 +79,20 @@ class Population:
         self.migrants: list[list[str]] = [[] for _ in range(islands)]
         self._rerun_mean = lambda individual_id: None  # fed by the guard (attach_guard)
         self._rerun_failed = lambda individual_id: False
-        self._seed_offset = lambda: 0.0
 
     def attach_guard(self, guard) -> None:
         """Scores come from the guard's records from now on (re-run means where they exist)."""
-        self._rerun_mean, self._rerun_failed, self._seed_offset = guard.rerun_mean, guard.rerun_failed, guard.seed_offset
+        self._rerun_mean, self._rerun_failed = guard.rerun_mean, guard.rerun_failed
 
     # ---- the one number selection uses ----
     def score(self, individual: Individual) -> float | None:
-        """Re-run val mean with >= 2 ok re-runs, else the first draw less the evaluation seed's
-        offset (Guard.seed_offset): all first draws share one evaluation seed, re-runs use fresh
-        ones, and the two are only comparable on the same footing."""
+        """Re-run val mean with >= 2 ok re-runs, else the first draw."""
         mean = self._rerun_mean(individual.id)
-        if mean is not None or individual.val_bpb is None:
-            return mean
-        return individual.val_bpb - self._seed_offset()
+        return mean if mean is not None else individual.val_bpb
 
     def score_label(self, individual: Individual) -> str:
         """Which number `score` is, in words for a status line."""
-        if self._rerun_mean(individual.id) is not None:
-            return "re-run mean"
-        return "first draw" if self._seed_offset() == 0 else "first draw - offset"
+        return "re-run mean" if self._rerun_mean(individual.id) is not None else "first draw"
 
     def rank_key(self, individual: Individual) -> tuple:
         """Lower is better: variants whose guard re-runs failed last, then by score, then oldest."""

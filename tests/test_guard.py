@@ -51,30 +51,6 @@ def test_noise_sized_gains_are_not_even_candidates_and_held_out_can_veto():
     assert guard.champions == ["seed"]
 
 
-def test_first_draws_are_set_against_re_run_means_less_the_evaluation_seeds_offset():
-    """Every first draw uses one evaluation seed, the guard's runs fresh ones. Evaluation seed 0
-    scored about 0.04 below fresh seeds in every benchmark run, so a child's first draw set
-    against the champion's re-run mean looked like a gain it was not."""
-    from evo.population import Individual, Population
-
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0, min_delta=0.001), log=lambda line: None)
-    guard.start("seed", 2.46)  # a lucky evaluation seed: its noise runs average 2.50
-    assert guard.seed_offset() == 0.0  # nothing to measure it by yet
-    feed(guard, {"seed": [(2.50, 2.1), (2.51, 2.1), (2.49, 2.1)]})  # sigma 0.01: a margin of 0.02
-    assert guard.seed_offset() == pytest.approx(-0.04)
-    assert guard.consider("as_lucky_as_the_seed", 2.45) is False  # 2.49 on the re-runs' footing: within 2 sigma
-    assert guard.consider("better", 2.42) is True  # 2.46: a gain of 0.04 beyond the seed's luck
-
-    population = Population(islands=1, size=4)
-    population.attach_guard(guard)
-    for birth, (name, val) in enumerate((("seed", 2.46), ("as_lucky_as_the_seed", 2.45))):
-        population.add(Individual(id=name, birth=birth, island=0, code_hash=name, operator="perturb", status="ok", val_bpb=val))
-    seed, child = population.individuals["seed"], population.individuals["as_lucky_as_the_seed"]
-    assert population.score(seed) == pytest.approx(2.50) and population.score_label(seed) == "re-run mean"
-    assert population.score(child) == pytest.approx(2.49) and population.score_label(child) == "first draw - offset"
-    assert population.best() is child  # still ahead of the seed's mean, by 0.01, not by 0.05
-
-
 def test_overfitting_alarm_when_val_improves_but_held_out_does_not():
     guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, alarm_window=3), log=lambda line: None)
     guard.start("c0", 3.0)
