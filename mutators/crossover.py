@@ -66,7 +66,11 @@ class Crossover:
         )
         if not differing:
             return Refusal(self.name, "the parents share every top-level definition; nothing to cross")
-        taken = rng.sample(differing, k=min(len(differing), rng.randint(1, self.max_taken)))
+        # Taking every definition in which they differ gives back the second parent (a duplicate:
+        # in the search benchmark, all 5 of one run's crossovers were), so at least one stays A's.
+        if len(differing) == 1:
+            return Refusal(self.name, f"the parents differ only in {differing[0]}; crossing them gives back the second parent")
+        taken = rng.sample(differing, k=rng.randint(1, min(self.max_taken, len(differing) - 1)))
 
         # Names the taken definitions need from B that A does not define, transitively.
         brought: list[str] = []

@@ -197,6 +197,19 @@ def test_crossover_of_identical_parents_is_refused():
     assert isinstance(result, Refusal) and "nothing to cross" in result.reason
 
 
+def test_crossover_never_gives_back_the_second_parent():
+    """Taking every definition the parents differ in rebuilds B: a duplicate, never a child."""
+    from evo.population import normalized_hash
+
+    children = [Crossover(max_taken=3).propose([Parent("a", A, 2.0), Parent("b", B, 2.1)], random.Random(i))
+                for i in range(30)]
+    assert all(isinstance(c, Proposal) and len(c.details["taken"]) == 1 for c in children)  # LR or helper, never both
+    assert all(normalized_hash(c.code) != normalized_hash(B) for c in children)
+    one_apart = A.replace("LR = 0.01", "LR = 0.03")
+    result = Crossover().propose([Parent("a", A, 2.0), Parent("b", one_apart, 2.1)], random.Random(0))
+    assert isinstance(result, Refusal) and "differ only in LR" in result.reason
+
+
 def test_optuna_learns_per_skeleton_and_survives_a_restart(tmp_path):
     journal = tmp_path / "optuna.journal"
     op = OptunaProposals(journal, seed=0)
