@@ -184,6 +184,15 @@ def _clamp(x, d: Domain):
     return x
 
 
+def logit(p: float) -> float:
+    """The log-odds of a fraction: steps taken here keep it strictly inside (0, 1)."""
+    return math.log(p / (1 - p))
+
+
+def logistic(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
 def move_value(value, d: Domain, rng: random.Random):
     """One step away from value, within its domain."""
     if d.kind in ("bool", "choice"):
@@ -197,8 +206,7 @@ def move_value(value, d: Domain, rng: random.Random):
         if value <= ZERO_RETURN_SHARE * width and rng.random() < ZERO_RETURN_P:
             return 0.0  # back to off
     if d.kind == "fraction":  # a step in logit space keeps it strictly inside (0, 1)
-        logit = math.log(value / (1 - value)) + rng.choice((-1, 1)) * rng.uniform(0.3, 1.0)
-        return round(1 / (1 + math.exp(-logit)), 4)
+        return round(logistic(logit(value) + rng.choice((-1, 1)) * rng.uniform(0.3, 1.0)), 4)
     if d.kind == "int":
         if _is_power_of_two(value) and (d.log or d.low is None):
             new = value * 2 if rng.random() < 0.5 else value // 2
@@ -279,8 +287,7 @@ def step_again(constant: Constant, old_source: str, new_source: str):
     if d.kind == "fraction":
         if not all(0 < v < 1 for v in (old, new, value)):
             return None
-        logit = lambda v: math.log(v / (1 - v))  # noqa: E731
-        moved = 1 / (1 + math.exp(-(logit(value) + logit(new) - logit(old))))
+        moved = logistic(logit(value) + logit(new) - logit(old))
         moved = round(min(max(moved, FRACTION_EDGE), 1 - FRACTION_EDGE), 4)
     else:
         if not d.log:  # a linear domain: the same difference

@@ -25,7 +25,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from mutators.base import Parent, Proposal, Refusal, checked
-from mutators.constants import CommentError, Constant, Domain, find_constants, render, replace_constants
+from mutators.constants import (CommentError, Constant, Domain, find_constants, logistic, logit, render,
+                                replace_constants)
 
 optuna.logging.set_verbosity(logging.WARNING)
 
@@ -50,15 +51,11 @@ def skeleton_hash(code: str, constants: list[Constant]) -> str:
 OPTUNA_REACH = 4.0
 
 
-def _logistic(x: float) -> float:
-    return 1 / (1 + math.exp(-x))
-
-
 def distribution(domain: Domain, value):
     if domain.inferred and domain.kind == "fraction" and isinstance(value, float) and 0 < value < 1:
         # The same reach in odds: 0.95 may go to 0.83..0.99, 0.5 to 0.2..0.8 (not a beta of 0.2).
-        logit, reach = math.log(value / (1 - value)), math.log(OPTUNA_REACH)
-        return FloatDistribution(_logistic(logit - reach), min(1 - 1e-4, _logistic(logit + reach)))
+        odds, reach = logit(value), math.log(OPTUNA_REACH)
+        return FloatDistribution(logistic(odds - reach), min(1 - 1e-4, logistic(odds + reach)))
     if domain.inferred and domain.log and isinstance(value, (int, float)) and value > 0:
         low, high = max(domain.low, value / OPTUNA_REACH), min(domain.high, value * OPTUNA_REACH)
         domain = Domain(domain.kind, low=int(max(1, low)) if domain.kind == "int" else low,
