@@ -48,17 +48,20 @@ RERUN_SEEDS = 5000  # fresh seeds for the final re-runs, never used during a sea
 
 
 class Evaluations:
-    """The real runner with one warm evaluator; records every evaluation in order."""
+    """The real runner with one warm evaluator; records every evaluation in order. Every search
+    evaluation uses the repeat's one seed, as evo's first draws do, so in each repeat all methods
+    compare their variants on the same seed (greedy's line always did: it runs on one seed)."""
 
-    def __init__(self, args, folder: Path):
-        self.args, self.folder = args, folder
+    def __init__(self, args, folder: Path, evaluation_seed: int):
+        self.args, self.folder, self.evaluation_seed = args, folder, evaluation_seed
         self.sandboxed = use_sandbox("auto")
         self.evaluator = Evaluator("cpu", None, None, self.sandboxed, folder / "evaluator.log")
         self.history: list[tuple[str, float | None]] = []  # (status, val_bpb)
         self.count = 0
 
-    def run(self, code: str, seed: int = 0, heldout: bool = False, record: bool = True):
+    def run(self, code: str, seed: int | None = None, heldout: bool = False, record: bool = True):
         self.count += 1
+        seed = self.evaluation_seed if seed is None else seed
         settings = RunSettings(time_budget=self.args.budget, seed=seed, data_dir=self.args.data_dir,
                                heldout=heldout, seq_len=prepare.DEFAULT_SEQ_LEN, eval_tokens=16384,
                                startup_grace=30.0, eval_grace=60.0, sandbox="bubblewrap" if self.sandboxed else "none")
@@ -163,11 +166,11 @@ def _run_method(method: str, repeat: int, args) -> dict:
         if args.keep:  # every method's evaluations (evo's whole run directory) stay for a look afterwards
             folder = Path(args.keep) / f"{method}-{repeat}"
             folder.mkdir(parents=True, exist_ok=False)
-        evals = Evaluations(args, folder)
+        evals = Evaluations(args, folder, evaluation_seed=repeat)
         try:
             rng = random.Random(1000 * repeat + 7)
             if method == "evo":
-                code, waste = _evo(evals, args.evaluations, repeat, folder)
+                code, waste = _evo(evals, args.evaluations, evals.evaluation_seed, folder)
             else:
                 code, waste = _search(method, evals, args.evaluations, rng, folder)
             reruns = [evals.run(code, seed=RERUN_SEEDS + k, heldout=True, record=False)
