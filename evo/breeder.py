@@ -214,8 +214,8 @@ class Breeder:
 
     def _winning_move(self, individual) -> dict:
         """The constant changes that made `individual` from its first parent, when it scores better
-        than that parent by more than the guard's noise floor sigma (re-run means where they exist;
-        no floor before it is measured or without the guard); {} otherwise, and once it has been handed
+        than that parent by more than the guard's noise floor sigma (by selection score, on the evaluation
+        seed; no floor before it is measured or without the guard); {} otherwise, and once it has been handed
         out: each winning step is offered once, whether its child is then evaluated, refused or a
         duplicate. Read from the population (a child with "follows" marks a step used), so a
         resumed run goes on where it stopped. Caller holds the lock."""

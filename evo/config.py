@@ -135,11 +135,12 @@ class MutatorsSection(Section):
 
 class GuardSection(Section):
     enabled: bool = Field(True, description="false: the champion is simply the best first draw (not recommended)")
-    noise_runs: int = Field(3, ge=2, description="k: re-runs of the seed with new seeds that measure the noise floor")
-    reruns: int = Field(3, ge=2, description="n: re-runs of a candidate with new seeds, held-out scored")
-    z: float = Field(2.0, ge=0, description="a candidate must beat the champion's mean by more than z * sigma ...")
+    noise_runs: int = Field(3, ge=2, description="k: re-runs of the seed on the guard's seeds that measure the noise floor")
+    reruns: int = Field(3, ge=2, description="n: re-runs of a candidate on the guard's seeds (the champion's), held-out scored")
+    z: float = Field(1.0, ge=0, description="a candidate's first draw must beat the champion's, on the same "
+                     "evaluation seed, by more than z * sigma ...")
     min_delta: float = Field(0.002, ge=0, description="... and by at least this much val_bpb (also the minimum mean gain)")
-    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided Welch test")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided paired t-test (Welch's where seeds differ)")
     min_sigma: float = Field(0.001, gt=0, description="the smallest noise the guard assumes (val_bpb std): re-runs that "
                              "all give the same number (a seed that does not learn) never make a difference significant")
     alarm_window: int = Field(3, ge=2, description="champions looked at by the overfitting alarm")
@@ -171,7 +172,7 @@ class Config(Section):
     run: RunSection = RunSection()
     seed_file: str = Field("trainer/train_cpu.py", description="the seed variant; relative paths from the config's folder's parent, then the cwd")
     seed: int = Field(0, description="the engine's RNG seed (parent choice, operators) and the seed variant's "
-                      "EVO_SEED; each child's first evaluation gets a fresh seed drawn from it and its birth")
+                      "EVO_SEED, and every child's first evaluation's: comparisons are paired by seed")
     data: DataSection = DataSection()
     budget: BudgetSection = BudgetSection()
     population: PopulationSection = PopulationSection()

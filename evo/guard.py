@@ -1,10 +1,19 @@
 """The guard: who may become champion, and what its score honestly is.
 
-- Noise floor: the seed is re-run k times with new seeds; their spread is sigma.
-- Candidates: a variant whose first val_bpb beats the champion's mean by more than
-  max(min_delta, z * sigma) is re-run n times with new seeds, held-out split scored.
-- Promotion: a one-sided Welch test of its re-runs against the champion's gives p < alpha, the
-  mean gain is at least min_delta, and its held-out mean beats the champion's held-out mean.
+Comparisons are paired by seed (common random numbers). The seed a run trains with decides its
+initial weights and the order of its batches, and on the CPU seed that is most of the noise: the
+seed variant's runs on one seed differ by 0.008 val_bpb (sd), the means of different seeds by
+0.018 (BENCHMARKS.md, "Pairing by seed"). So every first draw uses the run's evaluation seed, and
+guard run i of any variant uses seed GUARD_SEEDS + i: a candidate meets the champion on the very
+seeds the champion ran, and their difference on each seed is free of most of that noise.
+
+- Noise floor: the seed is re-run k times on the guard's seeds; their spread is sigma.
+- Candidates: a variant whose first val_bpb beats the champion's on the evaluation seed (its first
+  draw, or where re-runs placed it) by more than max(min_delta, z * sigma) is re-run n times on
+  the guard's seeds, held-out split scored.
+- Promotion: a one-sided paired t-test of its re-runs against the champion's, seed by seed, gives
+  p < alpha, the mean gain is at least min_delta, and held-out agrees on the same seeds. (Welch's
+  test where fewer than two seeds are shared: a run resumed from before pairing, failed re-runs.)
 - Reported scores are re-run means; the first (selected, so lucky) draw is shown as a gap.
 
 Every guard run is a job for the same workers as the children. The guard owns its runs: queued,
@@ -21,9 +30,10 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from evo.stats import mean_std, welch_less
+from evo.stats import mean_std, paired_less, welch_less
 
 NOISE, RERUN, TRANSFER = "noise", "rerun", "transfer"
+GUARD_SEEDS = 1000  # guard run i of every variant uses seed GUARD_SEEDS + i (runs seed their own RNGs from 0 up)
 
 
 @dataclass
@@ -64,6 +74,7 @@ class Record:
     expected: int = 0
     verdict: str = ""  # "", "champion", "promoted", "not significant", "held-out disagrees", ...
     p_value: float | None = None
+    against: str = ""  # the champion its re-runs were paired with, seed by seed ("" if never paired)
 
     def ok(self, which: str = "samples") -> list[Sample]:
         return [s for s in getattr(self, which) if s.status == "ok" and s.val_bpb is not None and s.heldout_bpb is not None]
@@ -87,7 +98,6 @@ class Guard:
         self.queue: list[GuardRun] = []
         self.running: list[GuardRun] = []
         self.champions: list[str] = []  # ids, oldest first; the last is the champion
-        self.next_seed = 1000  # re-run seeds never collide with evaluation seeds (recorder.evaluation_seed)
         self.deferred: list[tuple[str, float]] = []  # candidates seen before the floor was known
         self.heldout_consulted = 0  # promotion decisions that looked at held-out numbers
 
@@ -96,7 +106,7 @@ class Guard:
         return {
             "records": {k: asdict(r) for k, r in self.records.items()},
             "queue": [asdict(j) for j in self.running + self.queue],  # in flight goes back to the queue
-            "champions": self.champions, "next_seed": self.next_seed, "deferred": self.deferred,
+            "champions": self.champions, "deferred": self.deferred,
             "heldout_consulted": self.heldout_consulted,
         }
 
@@ -110,7 +120,6 @@ class Guard:
         self.queue = [GuardRun(**j) for j in state["queue"]]
         self.running = []
         self.champions = state["champions"]
-        self.next_seed = state["next_seed"]
         self.deferred = [tuple(d) for d in state["deferred"]]
         self.heldout_consulted = state.get("heldout_consulted", 0)  # runs from before it was counted: 0
 
@@ -137,9 +146,8 @@ class Guard:
         return f"(held-out consulted for {n} promotion decision{'s' * (n != 1)})"
 
     def _seed_jobs(self, individual_id: str, kind: str, count: int, multiplier: float = 1.0) -> None:
-        for _ in range(count):
-            self.queue.append(GuardRun(individual_id, self.next_seed, kind, multiplier))
-            self.next_seed += 1
+        for i in range(count):  # the same seeds for every variant: comparisons pair by seed
+            self.queue.append(GuardRun(individual_id, GUARD_SEEDS + i, kind, multiplier))
 
     def start(self, seed_id: str, first_val: float | None) -> None:
         """The seed is the first champion; its k noise runs measure sigma."""
@@ -150,7 +158,8 @@ class Guard:
         self._seed_jobs(seed_id, NOISE, self.s.noise_runs)
 
     def consider(self, individual_id: str, val_bpb: float) -> bool:
-        """Queue re-runs for a variant that beats the champion by more than the noise allows."""
+        """Queue re-runs for a variant whose first draw beats the champion's, on the same evaluation
+        seed, by more than the noise allows."""
         if not self.s.enabled or individual_id in self.records or self.champion is None:
             return False
         champion, sigma = self.champion.stats(), self.sigma()
@@ -158,12 +167,14 @@ class Guard:
             self.deferred.append((individual_id, val_bpb))  # decided once the floor is measured
             return False
         margin = max(self.s.min_delta, self.s.z * sigma)
-        if val_bpb >= champion["val_mean"] - margin:
+        bar = self.on_evaluation_seed(self.champion.id)
+        bar = champion["val_mean"] if bar is None else bar  # a checkpoint without the champion's first draw
+        if val_bpb >= bar - margin:
             return False
         self.records[individual_id] = Record(individual_id, val_bpb, expected=self.s.reruns)
         self._seed_jobs(individual_id, RERUN, self.s.reruns)
         self.log(f"guard: {individual_id} ({val_bpb:.4f}) beats champion {self.champion.id} "
-                 f"({champion['val_mean']:.4f}) by more than {margin:.4f}; {self.s.reruns} re-runs queued")
+                 f"({bar:.4f} on the evaluation seed) by more than {margin:.4f}; {self.s.reruns} re-runs queued")
         return True
 
     def take(self) -> GuardRun | None:
@@ -215,24 +226,37 @@ class Guard:
             self.log(f"guard: {candidate.id} not promoted: {candidate.verdict}")
             return
         cand, champ = candidate.stats(), champion.stats()
-        candidate.p_value = welch_less([s.val_bpb for s in ok], [s.val_bpb for s in champion_ok], self.s.min_sigma)
+        pairs = paired_differences(candidate, champion)
+        if len(pairs) >= 2:
+            candidate.against = champion.id
+            candidate.p_value = paired_less([val for val, _ in pairs], self.s.min_sigma)
+            gain, held_gain = -mean_std([val for val, _ in pairs])[0], -mean_std([held for _, held in pairs])[0]
+            how = f"paired on {len(pairs)} seeds, mean difference {-gain:+.4f}"
+        else:
+            candidate.p_value = welch_less([s.val_bpb for s in ok], [s.val_bpb for s in champion_ok], self.s.min_sigma)
+            gain, held_gain = champ["val_mean"] - cand["val_mean"], champ["held_mean"] - cand["held_mean"]
+            how = "unpaired"
         cand["p_value"] = candidate.p_value
         if candidate.p_value >= self.s.alpha:
             candidate.verdict = "not significant"
-        elif champ["val_mean"] - cand["val_mean"] < self.s.min_delta:
+        elif gain < self.s.min_delta:
             candidate.verdict = "gain below min_delta"
         else:
             self.heldout_consulted += 1  # the one decision that looks at held-out numbers
-            candidate.verdict = "held-out disagrees" if cand["held_mean"] >= champ["held_mean"] else "promoted"
+            candidate.verdict = "held-out disagrees" if held_gain <= 0 else "promoted"
         if candidate.verdict == "promoted":
             previous = champion.id
             self.champions.append(candidate.id)
             if self.s.transfer_multiplier:
+                # On the same seeds, so each pair compares like with like. A champion that already
+                # has its runs at the larger budget (it was the new one last time) keeps them.
+                queued = {run.individual for run in self.queue + self.running if run.kind == TRANSFER}
                 for who in (candidate.id, previous):
-                    self._seed_jobs(who, TRANSFER, self.s.transfer_runs, self.s.transfer_multiplier)
+                    if not self.records[who].transfer and who not in queued:
+                        self._seed_jobs(who, TRANSFER, self.s.transfer_runs, self.s.transfer_multiplier)
         # The log says what happened, never a held-out number (logs may reach an LLM).
         self.log(f"guard: {candidate.id} {candidate.verdict} (re-run mean {cand['val_mean']:.4f} vs "
-                 f"{champ['val_mean']:.4f}, p={candidate.p_value:.3g})")
+                 f"{champ['val_mean']:.4f}, {how}, p={candidate.p_value:.3g})")
 
     # ---- reading ----
     def rerun_mean(self, individual_id: str) -> float | None:
@@ -240,6 +264,25 @@ class Guard:
         record = self.records.get(individual_id)
         ok = record.ok() if record is not None else []
         return sum(s.val_bpb for s in ok) / len(ok) if len(ok) >= 2 else None
+
+    def on_evaluation_seed(self, individual_id: str) -> float | None:
+        """Where a variant stands on the scale of the run's evaluation seed, the one every first draw
+        uses: for a variant the guard paired with a champion, that champion's standing plus their
+        mean difference on the guard's seeds (evidence that was not selected for being low);
+        otherwise its first draw. None for a variant the guard never saw."""
+        record = self.records.get(individual_id)
+        if record is None:
+            return None
+        reference = self.records.get(record.against)
+        pairs = paired_differences(record, reference) if reference is not None else []
+        if len(pairs) < 2:
+            return record.first_val
+        return self.on_evaluation_seed(reference.id) + mean_std([val for val, _ in pairs])[0]
+
+    def paired_estimate(self, individual_id: str) -> float | None:
+        """on_evaluation_seed for a variant whose re-runs were paired with a champion's, else None."""
+        record = self.records.get(individual_id)
+        return self.on_evaluation_seed(individual_id) if record is not None and record.against else None
 
     def rerun_failed(self, individual_id: str) -> bool:
         """Its re-runs were given a verdict and too few of them ran ok to have a mean."""
@@ -281,3 +324,10 @@ class Guard:
                 lines.append(f"scale transfer x{self.s.transfer_multiplier:g}: {new.id} vs {old.id}: "
                              f"{new_mean:.4f} vs {old_mean:.4f}, the gain {held}")
         return lines
+
+
+def paired_differences(record: Record, reference: Record) -> list[tuple[float, float]]:
+    """(val, held-out) of record minus reference on each guard seed both ran ok, in seed order."""
+    theirs = {s.seed: s for s in reference.ok()}
+    return [(s.val_bpb - theirs[s.seed].val_bpb, s.heldout_bpb - theirs[s.seed].heldout_bpb)
+            for s in sorted(record.ok(), key=lambda s: s.seed) if s.seed in theirs]

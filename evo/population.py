@@ -4,11 +4,12 @@ Each island keeps as members its best `size` evaluated individuals (truncation r
 the best are never lost: elitism is built in), plus the migrants it received. Parents come from
 a tournament among an island's members; failed variants are never members.
 
-"Best" is by selection score, one number per individual (`score`): the mean of its guard re-runs
-once it has at least two ok ones, else its first draw. A variant the guard re-ran therefore
-competes on its honest mean, not on the lucky draw that made it a candidate; one whose re-runs
-mostly failed ranks after every variant that did not (`rerun_failed`). The guard feeds both
-through `attach_guard`; without a guard every score is a first draw.
+"Best" is by selection score, one number per individual (`score`), on the scale of the run's
+evaluation seed that every first draw uses: the guard's paired estimate once its re-runs were set
+against a champion's seed by seed, else its first draw. A variant the guard re-ran therefore
+competes on what its re-runs showed, not on the lucky draw that made it a candidate; one whose
+re-runs mostly failed ranks after every variant that did not (`rerun_failed`). The guard feeds
+both through `attach_guard`; without a guard every score is a first draw.
 
 An individual is a small record: its code lives in the run directory (RunStore.code), so a
 population of many thousands costs a few hundred bytes each in memory, not the size of its code.
@@ -77,22 +78,25 @@ class Population:
         self.individuals: dict[str, Individual] = {}
         self.by_hash: dict[str, str] = {}
         self.migrants: list[list[str]] = [[] for _ in range(islands)]
-        self._rerun_mean = lambda individual_id: None  # fed by the guard (attach_guard)
+        self._paired_estimate = lambda individual_id: None  # fed by the guard (attach_guard)
         self._rerun_failed = lambda individual_id: False
 
     def attach_guard(self, guard) -> None:
-        """Scores come from the guard's records from now on (re-run means where they exist)."""
-        self._rerun_mean, self._rerun_failed = guard.rerun_mean, guard.rerun_failed
+        """Scores come from the guard's records from now on (paired estimates where they exist)."""
+        self._paired_estimate, self._rerun_failed = guard.paired_estimate, guard.rerun_failed
 
     # ---- the one number selection uses ----
     def score(self, individual: Individual) -> float | None:
-        """Re-run val mean with >= 2 ok re-runs, else the first draw."""
-        mean = self._rerun_mean(individual.id)
-        return mean if mean is not None else individual.val_bpb
+        """One scale for every variant, the run's evaluation seed, which every first draw uses: the
+        guard's paired estimate once its re-runs were set against a champion's seed by seed (a
+        refused lucky draw drops to where its re-runs put it), else the first draw. A re-run mean
+        is not on this scale: it averages other seeds."""
+        estimate = self._paired_estimate(individual.id)
+        return estimate if estimate is not None else individual.val_bpb
 
     def score_label(self, individual: Individual) -> str:
         """Which number `score` is, in words for a status line."""
-        return "re-run mean" if self._rerun_mean(individual.id) is not None else "first draw"
+        return "paired estimate" if self._paired_estimate(individual.id) is not None else "first draw"
 
     def rank_key(self, individual: Individual) -> tuple:
         """Lower is better: variants whose guard re-runs failed last, then by score, then oldest."""

@@ -8,7 +8,6 @@ elapsed time) are saved within a few seconds, so `evo status` on a live run is c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import threading
@@ -27,24 +26,11 @@ from trainer import processes
 from trainer.runner import RunResult, code_sha256
 
 SAVE_EVERY_SECONDS = 5.0  # counters and elapsed time reach the checkpoint at most this late
-# Every child's first draw gets its own evaluation seed, drawn from the run's seed and its birth,
-# in [CHILD_SEEDS, 2**31) (a numpy seed must fit 32 bits), far from the guard's re-run seeds (1000
-# upward). With one seed for every first draw, each draw carried that seed's own luck: in the
-# search benchmark, evaluation seed 0 scored the seed variant 0.030 to 0.043 below fresh seeds in
-# every run (about 2.5 sigma), so children set against the guard's re-run means (candidates,
-# parents, winning steps) looked like gains they were not. Fresh seeds make a first draw one
-# honest sample from the same spread the guard's noise runs measure. The seed variant keeps the
-# run's seed.
-CHILD_SEEDS = 2**24
-
-
-def evaluation_seed(run_seed: int, birth: int, operator: str) -> int:
-    if operator == "seed":
-        return run_seed
-    digest = hashlib.sha256(f"evo-child-seed:{run_seed}:{birth}".encode()).digest()
-    return CHILD_SEEDS + int.from_bytes(digest[:4], "big") % (2**31 - CHILD_SEEDS)
-
-
+# Every first draw uses the run's seed, the evaluation seed: two variants on the same seed start
+# from the same random stream and see the same batches, so their difference is mostly the code's
+# (common random numbers; evo/guard.py pairs its re-runs the same way). A fresh seed per child
+# (tried, benchmark run 4) puts the whole seed-to-seed spread into every comparison of a child
+# with its parent.
 RECENT_OUTCOMES = 20  # outcomes kept per operator: the breeder weights operators by them
 FAILED, OK, IMPROVED = 0, 1, 2  # an outcome: refused, duplicate or failed / evaluated ok / better than its parent
 
@@ -72,7 +58,7 @@ class Recorder:
         self.guard = guard
         self.log = log
         self.population = Population(config.population.islands, config.population.size)
-        self.population.attach_guard(guard)  # selection scores are re-run means where they exist
+        self.population.attach_guard(guard)  # selection scores are the guard's paired estimates where they exist
         self.counters = Counters()
         self.rng = random.Random(config.seed)
         self.lock = threading.RLock()  # shared with the breeder's threads
@@ -153,7 +139,7 @@ class Recorder:
             id=f"v{self.counters.births:05d}", birth=self.counters.births, island=island,
             code_hash=normalized_hash(code), operator=operator, parents=parents,
             details=json.dumps(details or {}), hypothesis=hypothesis,
-            eval_seed=evaluation_seed(self.config.seed, self.counters.births, operator),
+            eval_seed=self.config.seed,
             created_at=time.time(), run_token=uuid.uuid4().hex,
         )
         individual.llm_tokens = int((details or {}).get("llm", {}).get("total_tokens", 0))

@@ -133,7 +133,7 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
         "",
         *champion_lines(population, guard, store),
         "",
-        "best by selection score (what selection uses: the re-run mean where the guard re-ran it, else the first draw):",
+        "best by selection score (what selection uses: the paired estimate where the guard re-ran it, else the first draw):",
         f"  {'id':<8} {'val_bpb':>9} {'which':<12} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
     ]
     for individual in population.ranked()[:top]:

@@ -74,7 +74,7 @@ def render(facts: RunFacts, images: dict[str, bytes]) -> str:
         f"<pre class='summary'>{escape(chr(10).join(champion_lines(facts.population, facts.guard, facts.store)))}</pre>",
         _section("progress", _img(images, "progress.png", TITLES["progress"]),
                  "<p class='muted'>Each point is a child's first evaluation. The green line is the champion's "
-                 "mean over the guard's re-runs with new seeds (band: ± one standard deviation), from when it "
+                 "mean over the guard's re-runs on its seeds (band: ± one standard deviation), from when it "
                  "was promoted; the dashed line is its held-out mean. Held-out is scored only in the guard's "
                  f"re-runs and read only to veto a promotion {escape(facts.guard.heldout_note())}.</p>"),
         _section("guard", _guard_html(facts)),
@@ -111,11 +111,12 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
 def _guard_html(facts: RunFacts) -> str:
     sigma = facts.guard.sigma()
     s = facts.guard.s
-    intro = (f"<p>noise floor: sigma <b>{_num(sigma)}</b> val_bpb between re-runs of the unchanged seed with new seeds. "
+    intro = (f"<p>noise floor: sigma <b>{_num(sigma)}</b> val_bpb between re-runs of the unchanged seed on different seeds. "
              if sigma is not None else "<p>noise floor: not measured yet (the seed's re-runs have not finished). ")
-    intro += (f"A child becomes a candidate when its first draw beats the champion's mean by more than "
-              f"max(min_delta {s.min_delta:g}, z {s.z:g} × sigma); it is promoted when {s.reruns} re-runs give "
-              f"p &lt; {s.alpha:g} (one-sided Welch), a gain of at least min_delta, and a better held-out mean.</p>")
+    intro += (f"A child becomes a candidate when its first draw beats the champion's on the same evaluation seed by "
+              f"more than max(min_delta {s.min_delta:g}, z {s.z:g} × sigma); it is promoted when {s.reruns} re-runs on "
+              f"the champion's seeds give p &lt; {s.alpha:g} (one-sided paired t-test, seed by seed), a gain of at "
+              f"least min_delta, and a better held-out mean on the same seeds.</p>")
     if not s.enabled:
         return "<p>The guard was off in this run: no re-runs, no noise floor, no verdicts.</p>"
     rows = [[escape(r["id"]), escape(r["operator"]), _num(r["first_val"]), f"{r['ok']}/{r['done']} of {r['expected']}",

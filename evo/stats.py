@@ -69,3 +69,15 @@ def welch_less(a: list[float], b: list[float], min_std: float = 0.0) -> float:
     t = (mean_a - mean_b) / math.sqrt(var_a + var_b)
     df = (var_a + var_b) ** 2 / (var_a**2 / (len(a) - 1) + var_b**2 / (len(b) - 1))
     return t_cdf(t, df)
+
+
+def paired_less(differences: list[float], min_std: float = 0.0) -> float:
+    """One-sided paired t-test p-value for H1: the mean difference is below 0 (a - b, one pair per
+    seed). Needs two or more pairs; min_std floors their standard deviation, as in welch_less."""
+    if len(differences) < 2:
+        raise ValueError("a paired test needs at least two pairs")
+    mean, sd = mean_std(differences)
+    sd = max(sd, min_std)
+    if sd == 0:
+        return 0.0 if mean < 0 else 1.0
+    return t_cdf(mean / (sd / math.sqrt(len(differences))), len(differences) - 1)

@@ -135,8 +135,8 @@ def test_kill_9_at_several_points_loses_nothing_and_runs_nothing_twice(setup_run
     assert state["counters"]["evaluations"] == 9 and len(individuals) == 9
     assert all(i.status == "ok" for i in individuals)
     starts, ends = ledger_counts(ledger)
-    assert {k for k in ends if k.startswith("v")} == {i.id for i in individuals}
-    guard_runs = {k for k in ends if not k.startswith("v")}  # e.g. noise-1000, rerun-1003
+    assert {k for k in ends if "/" not in k} == {i.id for i in individuals}
+    guard_runs = {k for k in ends if "/" in k}  # e.g. v00001/noise-1000, v00004/rerun-1000
     assert len(guard_runs) == state["counters"]["guard_runs"] >= 2
     assert set(ends.values()) == {1}, f"an evaluation finished twice: {ends}"
     assert state["guard"]["queue"] == []

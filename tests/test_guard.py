@@ -7,9 +7,9 @@ import json
 import pytest
 
 from evo.config import GuardSection
-from evo.guard import Guard
+from evo.guard import GUARD_SEEDS, Guard, GuardRun
 from evo.report import export, status_text
-from evo.stats import t_cdf, welch_less
+from evo.stats import paired_less, t_cdf, welch_less
 from evo.store import RunStore
 from evo.executors.fake import FakeExecutor
 from tests.fakes import by_quality, engine_with, feed
@@ -23,6 +23,70 @@ def test_welch_matches_reference_values():
     assert welch_less([5.0, 6.0], [1.0, 2.0]) == pytest.approx(0.985071, abs=1e-6)
     assert t_cdf(1.5, 3) == pytest.approx(0.884708, abs=1e-6)
     assert t_cdf(-2.2, 7.3) == pytest.approx(0.0310846, abs=1e-6)
+    # Paired, df 2, where the t distribution has a closed form: P(T <= t) = (1 + t / sqrt(t^2 + 2)) / 2.
+    t = -0.15 / (0.05 / 3**0.5)
+    assert paired_less([-0.1, -0.2, -0.15]) == pytest.approx((1 + t / (t * t + 2) ** 0.5) / 2, abs=1e-9)
+    assert paired_less([-0.1, -0.1], min_std=0.0) == 0.0 and paired_less([0.1, 0.1], min_std=0.0) == 1.0
+    assert paired_less([-0.01, -0.01], min_std=0.01) > 0.1  # identical differences prove little
+
+
+def test_pairing_by_seed_finds_a_gain_smaller_than_the_seed_to_seed_spread():
+    # Each guard seed moves every variant alike (+0.03, -0.02, 0.0), as a seed's initial weights and
+    # batch order do; the evaluation seed (every first draw) happens to sit low. A real gain of
+    # 0.015 is hidden in that spread for an unpaired test, and plain seed by seed.
+    effect = [0.03, -0.02, 0.0]
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.002), log=lambda line: None)
+    guard.start("seed", 2.47)
+    seed_runs = [(2.50 + e, 2.10 + e) for e in effect]
+    feed(guard, {"seed": list(seed_runs)})
+    assert guard.sigma() == pytest.approx(0.02517, abs=1e-4)
+    # 1.1 sigma below the mean of the guard's seeds, but no better than the champion on its own seed.
+    assert guard.consider("neutral", 2.475) is False
+    assert guard.consider("better", 2.44) is True
+    better_runs = [(2.485 + e + t, 2.09 + e) for e, t in zip(effect, (0.001, -0.001, 0.0))]
+    feed(guard, {"better": list(better_runs)})
+    assert guard.records["better"].verdict == "promoted" and guard.records["better"].against == "seed"
+    assert welch_less([v for v, _ in better_runs], [v for v, _ in seed_runs]) > 0.2  # unpaired: nothing to see
+    # Placed on the evaluation seed's scale by its re-runs, not by its selected first draw.
+    assert guard.on_evaluation_seed("better") == pytest.approx(2.455)
+
+    # A lucky first draw of a neutral variant: a candidate, refused, and placed where its re-runs say.
+    assert guard.consider("lucky", 2.40) is True
+    feed(guard, {"lucky": [(v + t, h) for (v, h), t in zip(better_runs, (0.002, -0.003, 0.001))]})
+    assert guard.records["lucky"].verdict == "not significant" and guard.records["lucky"].against == "better"
+    assert guard.paired_estimate("lucky") == pytest.approx(2.455) and guard.paired_estimate("seed") is None
+
+
+def test_scale_transfer_runs_each_champion_once_on_the_same_seeds():
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, transfer_multiplier=2, transfer_runs=2),
+                  log=lambda line: None)
+    guard.start("c0", 3.0)
+    feed(guard, {"c0": [(3.0, 3.0), (3.01, 3.01)]})
+    transfer = {}
+    for name, val in (("c1", 2.9), ("c2", 2.8)):
+        assert guard.consider(name, val - 0.01)
+        while guard.queue:
+            job = guard.take()
+            if job.kind == "transfer":
+                transfer.setdefault(job.individual, []).append(job.seed)
+            guard.record(job, "ok", {"val_bpb": val if job.individual == name else 3.0, "heldout_bpb": val})
+    assert guard.champions == ["c0", "c1", "c2"]
+    # c1 was the new champion, then the previous one: one set of runs at 2x, not two on the same seeds.
+    assert transfer == {who: [GUARD_SEEDS, GUARD_SEEDS + 1] for who in ("c0", "c1", "c2")}
+    assert len(guard.transfer_summary()) == 2
+
+
+def test_re_runs_on_other_seeds_than_the_champion_fall_back_to_welch():
+    # A run resumed from before pairing queued its re-runs on seeds counted upward from 1003.
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.001), log=lambda line: None)
+    guard.start("seed", 3.0)
+    feed(guard, {"seed": [(3.0, 3.1), (3.02, 3.12), (2.98, 3.08)]})
+    assert guard.consider("old", 2.5) is True
+    guard.queue = [GuardRun("old", GUARD_SEEDS + 3 + i, "rerun") for i in range(3)]
+    feed(guard, {"old": [(2.80, 2.90)] * 3})
+    record = guard.records["old"]
+    assert record.verdict == "promoted" and record.against == "" and guard.paired_estimate("old") is None
+    assert record.p_value == pytest.approx(welch_less([2.80] * 3, [3.0, 3.02, 2.98], 0.001))
 
 
 def test_a_real_gain_is_promoted_and_reported_as_the_rerun_mean():

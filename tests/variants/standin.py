@@ -17,7 +17,12 @@ NOISE = 0.0  # seed-dependent jitter of QUALITY, so re-runs with new seeds diffe
 SLEEP = 0.2
 LEDGER = ""
 
-run_id = os.path.basename(os.path.dirname(os.getcwd()))  # the runner runs it in <variant folder>/work
+# The runner runs it in <variant folder>/work, a guard run in <variant folder>/<kind-seed>/work: the
+# id is the job's key, "v00003" or "v00003/rerun-1000" (every variant's guard runs share seeds).
+folder = os.path.dirname(os.getcwd())
+run_id = os.path.basename(folder)
+if not run_id.startswith("v"):
+    run_id = os.path.basename(os.path.dirname(folder)) + "/" + run_id
 if LEDGER:
     with open(LEDGER, "a") as f:
         f.write(f"start {run_id}\n")
