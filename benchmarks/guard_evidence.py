@@ -6,10 +6,15 @@
    scored). The first k runs are the champion's noise floor; every other run is treated as a
    candidate with that run as its first draw. The greedy rule keeps a candidate when its first
    draw beats the champion's first draw; the gate re-runs it (n further runs drawn from the other
-   noise runs, all the same script) and applies the Welch test, the minimum effect and the
-   held-out check, exactly as evo.guard does.
+   noise runs, all the same script) and applies the test, the minimum effect and the held-out
+   check of evo.guard.
 2. A real change: the seed with `--improvement` applied runs 1 + n times with new seeds and
    goes through the same gate against the same champion.
+
+Every run here has a seed of its own, so no candidate shares a seed with the champion: this
+measures the guard's unpaired fallback (Welch's test), not the paired test evo uses when a
+candidate's re-runs share the champion's seeds. A paired version needs neutral code changes run
+on the champion's own seeds; it is not written yet.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 
 import prepare
 from evo.config import GuardSection
-from evo.guard import NOISE, RERUN, Guard, Job
+from evo.guard import NOISE, RERUN, Guard, GuardRun
 from trainer.runner import RunSettings, run_variant
 
 SEED = (Path(__file__).resolve().parents[1] / "trainer" / "train_cpu.py").read_text()
@@ -38,13 +43,13 @@ def verdict(settings: GuardSection, floor: list, first: float, reruns: list) -> 
     guard = Guard(settings, log=lambda line: None)
     guard.start("seed", floor[0][0])
     for job_seed, (val, held) in enumerate(floor):
-        guard.record(Job("seed", job_seed, NOISE), "ok", {"val_bpb": val, "heldout_bpb": held})
+        guard.record(GuardRun("seed", job_seed, NOISE), "ok", {"val_bpb": val, "heldout_bpb": held})
     guard.queue.clear()
     if not guard.consider("candidate", first):
         return "not a candidate"
     guard.queue.clear()
     for job_seed, (val, held) in enumerate(reruns):
-        guard.record(Job("candidate", 100 + job_seed, RERUN), "ok", {"val_bpb": val, "heldout_bpb": held})
+        guard.record(GuardRun("candidate", 100 + job_seed, RERUN), "ok", {"val_bpb": val, "heldout_bpb": held})
     return guard.records["candidate"].verdict
 
 
@@ -55,7 +60,7 @@ def main() -> None:
     parser.add_argument("--improvement", default="BATCH_SIZE=4", help="NAME=VALUE applied to the seed")
     parser.add_argument("--data-dir", default=prepare.DATA_DIR)
     args = parser.parse_args()
-    settings = GuardSection()  # the defaults: k=3, n=3, z=2, min_delta=0.002, alpha=0.05
+    settings = GuardSection()  # the defaults: k=3, n=3, z=1, min_delta=0.002, alpha=0.05
     k, n = settings.noise_runs, settings.reruns
 
     samples = []

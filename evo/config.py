@@ -137,13 +137,15 @@ class GuardSection(Section):
     enabled: bool = Field(True, description="false: the champion is simply the best first draw (not recommended)")
     noise_runs: int = Field(3, ge=2, description="k: re-runs of the seed on the guard's seeds that measure the noise floor")
     reruns: int = Field(3, ge=2, description="n: re-runs of a candidate on the guard's seeds (the champion's), held-out scored")
-    z: float = Field(1.0, ge=0, description="a candidate's first draw must beat the champion's, on the same "
-                     "evaluation seed, by more than z * sigma ...")
+    z: float = Field(1.0, ge=0, description="a candidate's first draw must beat the champion's standing on the "
+                     "evaluation seed by more than z * sigma ...")
     min_delta: float = Field(0.002, ge=0, description="... and by at least this much val_bpb (also the minimum mean gain)")
     alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the one-sided paired t-test (Welch's where seeds differ)")
     min_sigma: float = Field(0.001, gt=0, description="the smallest noise the guard assumes (val_bpb std): re-runs that "
                              "all give the same number (a seed that does not learn) never make a difference significant")
     alarm_window: int = Field(3, ge=2, description="champions looked at by the overfitting alarm")
+    audit_runs: int = Field(1, ge=0, description="per promotion, runs of the new champion and the one before on "
+                            "seeds no decision uses, reported as a check on the guard's decisions; 0: off")
     transfer_multiplier: float | None = Field(None, gt=1, description="re-run new and previous champion at this x budget; null: off")
     transfer_runs: int = Field(1, ge=1, description="runs of each at the larger budget")
 

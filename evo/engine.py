@@ -62,7 +62,7 @@ class Engine:
         self.store = store
         self.log = log
         self.on_tick = on_tick
-        self.guard = Guard(config.guard, log=lambda line: self.log(line))
+        self.guard = Guard(config.guard, log=lambda line: self.log(line), evaluation_seed=config.seed)
         self.recorder = Recorder(config, store, self.guard, log=lambda line: self.log(line))
         self.population = self.recorder.population
         self.cancel = threading.Event()  # breeding and LLM requests
@@ -190,7 +190,7 @@ class Engine:
                        str(self.store.variant_dir(individual.id)), individual.run_token, smoke_seconds=smoke)
 
     def _guard_job(self, run: GuardRun) -> Job:
-        """A re-run for the guard: new seed, held-out scored, in the variant's own sub-folder."""
+        """A re-run for the guard: on one of the guard's seeds, held-out scored, in the variant's own sub-folder."""
         settings = self.run_settings(seconds=self.config.budget.seconds * run.budget_multiplier, seed=run.seed)
         settings.heldout = True
         folder = self.store.variant_dir(run.individual) / run.key

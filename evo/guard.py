@@ -1,11 +1,12 @@
 """The guard: who may become champion, and what its score honestly is.
 
 Comparisons are paired by seed (common random numbers). The seed a run trains with decides its
-initial weights and the order of its batches, and on the CPU seed that is most of the noise: the
-seed variant's runs on one seed differ by 0.008 val_bpb (sd), the means of different seeds by
-0.018 (BENCHMARKS.md, "Pairing by seed"). So every first draw uses the run's evaluation seed, and
-guard run i of any variant uses seed GUARD_SEEDS + i: a candidate meets the champion on the very
-seeds the champion ran, and their difference on each seed is free of most of that noise.
+initial weights and the order of its batches. On the CPU seed, the same code's runs on one seed
+differ by 0.008 val_bpb (sd), the means of different seeds by 0.018; different code shares part
+of a seed's effect, less the more the code differs (BENCHMARKS.md, "Pairing by seed"). So every
+first draw uses the run's evaluation seed, and guard run i of any variant uses seed
+GUARD_SEEDS + i: a candidate meets the champion on the very seeds the champion ran, and their
+difference on each seed is free of the part of the noise they share.
 
 - Noise floor: the seed is re-run k times on the guard's seeds; their spread is sigma.
 - Candidates: a variant whose first val_bpb beats the champion's on the evaluation seed (its first
@@ -15,6 +16,11 @@ seeds the champion ran, and their difference on each seed is free of most of tha
   p < alpha, the mean gain is at least min_delta, and held-out agrees on the same seeds. (Welch's
   test where fewer than two seeds are shared: a run resumed from before pairing, failed re-runs.)
 - Reported scores are re-run means; the first (selected, so lucky) draw is shown as a gap.
+- Fresh-seed check: the shared seeds are reused for every decision, so selection can come to fit
+  them, and held-out cannot tell (val and held-out score the same trained model). So each new
+  champion and the one before also run on audit_runs seeds that no decision ever uses; the
+  status reports, per promotion, the gain those seeds show next to the gain the re-runs claimed.
+  It decides nothing: it says whether to believe the decisions.
 
 Every guard run is a job for the same workers as the children. The guard owns its runs: queued,
 in flight (`running`), and back in the queue when one is cancelled or its machine is lost; all
@@ -27,13 +33,15 @@ becomes a second validation split (Dwork et al., "The reusable holdout", 2015).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
 from evo.stats import mean_std, paired_less, welch_less
 
-NOISE, RERUN, TRANSFER = "noise", "rerun", "transfer"
-GUARD_SEEDS = 1000  # guard run i of every variant uses seed GUARD_SEEDS + i (runs seed their own RNGs from 0 up)
+NOISE, RERUN, TRANSFER, AUDIT = "noise", "rerun", "transfer", "audit"
+AUDIT_SEEDS = 2000  # promotion p's fresh-seed checks use AUDIT_SEEDS + audit_runs * (p - 1) + j, nothing else does
+GUARD_SEEDS = 1000  # guard run i of every variant uses seed GUARD_SEEDS + i, skipping the evaluation seed
 
 
 @dataclass
@@ -71,6 +79,7 @@ class Record:
     first_val: float | None
     samples: list[Sample] = field(default_factory=list)
     transfer: list[Sample] = field(default_factory=list)
+    audit: list[Sample] = field(default_factory=list)  # fresh-seed checks (see the module's docstring)
     expected: int = 0
     verdict: str = ""  # "", "champion", "promoted", "not significant", "held-out disagrees", ...
     p_value: float | None = None
@@ -91,9 +100,12 @@ class Record:
 
 
 class Guard:
-    def __init__(self, settings, log=print):
+    def __init__(self, settings, log=print, evaluation_seed: int = 0):
         self.s = settings
         self.log = log
+        # Every first draw's seed. No guard run uses it: a re-run on it would repeat the very draw
+        # that made the variant a candidate (same seed, same luck, bar timing).
+        self.evaluation_seed = evaluation_seed
         self.records: dict[str, Record] = {}
         self.queue: list[GuardRun] = []
         self.running: list[GuardRun] = []
@@ -116,6 +128,7 @@ class Guard:
             r = dict(r)
             r["samples"] = [Sample(**s) for s in r["samples"]]
             r["transfer"] = [Sample(**s) for s in r["transfer"]]
+            r["audit"] = [Sample(**s) for s in r.get("audit", [])]  # checkpoints from before the check: none
             self.records[key] = Record(**r)
         self.queue = [GuardRun(**j) for j in state["queue"]]
         self.running = []
@@ -145,9 +158,16 @@ class Guard:
         n = self.heldout_consulted
         return f"(held-out consulted for {n} promotion decision{'s' * (n != 1)})"
 
-    def _seed_jobs(self, individual_id: str, kind: str, count: int, multiplier: float = 1.0) -> None:
-        for i in range(count):  # the same seeds for every variant: comparisons pair by seed
-            self.queue.append(GuardRun(individual_id, GUARD_SEEDS + i, kind, multiplier))
+    def _seed_jobs(self, individual_id: str, kind: str, count: int, multiplier: float = 1.0,
+                   first: list[int] | None = None) -> None:
+        """count runs on `first` (seeds to pair with), then on the guard's seeds in order: the same
+        seeds for every variant, so comparisons pair by seed."""
+        seeds, seed = list(first or [])[:count], GUARD_SEEDS
+        while len(seeds) < count:
+            if seed != self.evaluation_seed and seed not in seeds:
+                seeds.append(seed)
+            seed += 1
+        self.queue.extend(GuardRun(individual_id, seed, kind, multiplier) for seed in seeds)
 
     def start(self, seed_id: str, first_val: float | None) -> None:
         """The seed is the first champion; its k noise runs measure sigma."""
@@ -172,7 +192,8 @@ class Guard:
         if val_bpb >= bar - margin:
             return False
         self.records[individual_id] = Record(individual_id, val_bpb, expected=self.s.reruns)
-        self._seed_jobs(individual_id, RERUN, self.s.reruns)
+        # First the seeds the champion ran ok, so a champion run that failed costs no unpaired re-run.
+        self._seed_jobs(individual_id, RERUN, self.s.reruns, first=sorted(s.seed for s in self.champion.ok()))
         self.log(f"guard: {individual_id} ({val_bpb:.4f}) beats champion {self.champion.id} "
                  f"({bar:.4f} on the evaluation seed) by more than {margin:.4f}; {self.s.reruns} re-runs queued")
         return True
@@ -201,8 +222,8 @@ class Guard:
                         metrics.get("heldout_bpb") if status == "ok" else None,
                         kind=job.kind, train_seconds=train_seconds, steps=steps, finished_at=time.time(),
                         reason=reason[:300])
-        if job.kind == TRANSFER:
-            record.transfer.append(sample)
+        if job.kind in (TRANSFER, AUDIT):
+            (record.transfer if job.kind == TRANSFER else record.audit).append(sample)
             return []
         record.samples.append(sample)
         if len(record.samples) < record.expected:
@@ -229,7 +250,8 @@ class Guard:
         pairs = paired_differences(candidate, champion)
         if len(pairs) >= 2:
             candidate.against = champion.id
-            candidate.p_value = paired_less([val for val, _ in pairs], self.s.min_sigma)
+            # min_sigma is one run's least noise; a difference of two runs has sqrt(2) times as much.
+            candidate.p_value = paired_less([val for val, _ in pairs], math.sqrt(2) * self.s.min_sigma)
             gain, held_gain = -mean_std([val for val, _ in pairs])[0], -mean_std([held for _, held in pairs])[0]
             how = f"paired on {len(pairs)} seeds, mean difference {-gain:+.4f}"
         else:
@@ -247,12 +269,18 @@ class Guard:
         if candidate.verdict == "promoted":
             previous = champion.id
             self.champions.append(candidate.id)
+            if self.s.audit_runs:  # both on seeds of this promotion's own, never used by any decision
+                start = AUDIT_SEEDS + self.s.audit_runs * (len(self.champions) - 2)
+                seeds = [seed + 10**6 if seed == self.evaluation_seed else seed
+                         for seed in range(start, start + self.s.audit_runs)]
+                for who in (candidate.id, previous):
+                    self._seed_jobs(who, AUDIT, self.s.audit_runs, first=seeds)
             if self.s.transfer_multiplier:
                 # On the same seeds, so each pair compares like with like. A champion that already
                 # has its runs at the larger budget (it was the new one last time) keeps them.
                 queued = {run.individual for run in self.queue + self.running if run.kind == TRANSFER}
                 for who in (candidate.id, previous):
-                    if not self.records[who].transfer and who not in queued:
+                    if not self.records[who].ok("transfer") and who not in queued:
                         self._seed_jobs(who, TRANSFER, self.s.transfer_runs, self.s.transfer_multiplier)
         # The log says what happened, never a held-out number (logs may reach an LLM).
         self.log(f"guard: {candidate.id} {candidate.verdict} (re-run mean {cand['val_mean']:.4f} vs "
@@ -267,22 +295,28 @@ class Guard:
 
     def on_evaluation_seed(self, individual_id: str) -> float | None:
         """Where a variant stands on the scale of the run's evaluation seed, the one every first draw
-        uses: for a variant the guard paired with a champion, that champion's standing plus their
-        mean difference on the guard's seeds (evidence that was not selected for being low);
-        otherwise its first draw. None for a variant the guard never saw."""
+        uses. The seed variant: its first draw. A variant with re-runs: the seed variant's first draw
+        plus the variant's mean difference from it, seed by seed on the guard seeds both ran ok
+        (from the two re-run means where fewer than two are shared). That evidence was not selected
+        for being low, as the first draw was. Otherwise its first draw; None if the guard never saw it."""
         record = self.records.get(individual_id)
         if record is None:
             return None
-        reference = self.records.get(record.against)
-        pairs = paired_differences(record, reference) if reference is not None else []
-        if len(pairs) < 2:
+        base = self.records.get(self.champions[0]) if self.champions else None
+        if base is None or base is record or base.first_val is None:
             return record.first_val
-        return self.on_evaluation_seed(reference.id) + mean_std([val for val, _ in pairs])[0]
+        pairs = paired_differences(record, base)
+        if len(pairs) >= 2:
+            return base.first_val + mean_std([val for val, _ in pairs])[0]
+        mine, theirs = self.rerun_mean(record.id), self.rerun_mean(base.id)
+        return record.first_val if mine is None or theirs is None else base.first_val + mine - theirs
 
     def paired_estimate(self, individual_id: str) -> float | None:
-        """on_evaluation_seed for a variant whose re-runs were paired with a champion's, else None."""
-        record = self.records.get(individual_id)
-        return self.on_evaluation_seed(individual_id) if record is not None and record.against else None
+        """on_evaluation_seed for a variant the guard has re-run at least twice (not the seed
+        variant, whose first draw is the scale itself), else None."""
+        if not self.champions or individual_id == self.champions[0] or self.rerun_mean(individual_id) is None:
+            return None
+        return self.on_evaluation_seed(individual_id)
 
     def rerun_failed(self, individual_id: str) -> bool:
         """Its re-runs were given a verdict and too few of them ran ok to have a mean."""
@@ -311,6 +345,29 @@ class Guard:
                     f"but held-out only by {held_gain:.4f}. The search may be fitting the validation split; "
                     "treat recent gains with suspicion.")
         return None
+
+    def audit_summary(self) -> list[str]:
+        """Each promotion on seeds no decision used: the new champion minus the one before, seed by
+        seed, next to what their re-runs on the shared seeds claimed."""
+        lines, checked, claimed = [], [], []
+        for i in range(1, len(self.champions)):
+            new, old = self.records[self.champions[i]], self.records[self.champions[i - 1]]
+            theirs = {s.seed: s.val_bpb for s in old.ok("audit")}
+            fresh = [s.val_bpb - theirs[s.seed] for s in new.ok("audit") if s.seed in theirs]
+            if not fresh:
+                continue
+            gain = mean_std(fresh)[0]
+            pairs = paired_differences(new, old)
+            claim = mean_std([val for val, _ in pairs])[0] if pairs else None
+            checked.append(gain)
+            claimed.append(claim)
+            said = f"; the re-runs claimed {claim:+.4f}" if claim is not None else ""
+            lines.append(f"fresh-seed check: {new.id} vs {old.id}: {gain:+.4f} val_bpb on {len(fresh)} seed(s) no "
+                         f"decision used{said}: the gain {'held' if gain < 0 else 'did NOT hold'}")
+        if len(checked) > 1 and None not in claimed:
+            lines.append(f"fresh-seed check, all {len(checked)} checked promotions together: {sum(checked):+.4f} val_bpb "
+                         f"(the re-runs claimed {sum(claimed):+.4f})")
+        return lines
 
     def transfer_summary(self) -> list[str]:
         lines = []

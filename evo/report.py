@@ -26,7 +26,7 @@ def load_population(store: RunStore, loaded: tuple[list, dict] | None = None) ->
     for individual in individuals:
         population.add(individual)
     population.migrants = state.get("migrants", population.migrants)
-    guard = Guard(config.guard, log=lambda line: None)
+    guard = Guard(config.guard, log=lambda line: None, evaluation_seed=config.seed)
     if "guard" in state:
         guard.restore(state["guard"])
     population.attach_guard(guard)  # ranked and scored as selection ranks and scores them
@@ -89,7 +89,7 @@ def champion_lines(population: Population, guard: Guard, store: RunStore | None 
     alarm = guard.overfitting_alarm()
     if alarm:
         lines.append("  " + alarm)
-    lines += ["  " + line for line in guard.transfer_summary()]
+    lines += ["  " + line for line in guard.audit_summary() + guard.transfer_summary()]
     return lines
 
 

@@ -81,7 +81,7 @@ def rows(population: Population, guard: Guard) -> list[dict]:
         individual = individuals.get(record_id)
         if individual is None:
             continue
-        for transfer, samples in ((False, record.samples), (True, record.transfer)):
+        for transfer, samples in ((False, record.samples), (True, record.transfer), (False, record.audit)):
             for sample in samples:
                 # An old sample without a time goes right after its variant's first evaluation.
                 when = sample.finished_at or individual.finished_at or 0.0

@@ -45,6 +45,7 @@ def status_facts(run_dir, top: int = 5) -> dict:
         "candidates_not_promoted": [{"id": r.id, "verdict": r.verdict} for r in guard.records.values()
                                     if r.verdict and r.verdict not in ("champion", "promoted")],
         "overfitting_alarm": guard.overfitting_alarm(),
+        "fresh_seed_check": guard.audit_summary(),
         "transfer": guard.transfer_summary(),
         "operators": operator_rows(load_config(store.dir / "config.yaml").operators, counters, population),
         "refusals": counters.refusals,

@@ -35,7 +35,7 @@ def test_pairing_by_seed_finds_a_gain_smaller_than_the_seed_to_seed_spread():
     # batch order do; the evaluation seed (every first draw) happens to sit low. A real gain of
     # 0.015 is hidden in that spread for an unpaired test, and plain seed by seed.
     effect = [0.03, -0.02, 0.0]
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.002), log=lambda line: None)
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.002, audit_runs=0), log=lambda line: None)
     guard.start("seed", 2.47)
     seed_runs = [(2.50 + e, 2.10 + e) for e in effect]
     feed(guard, {"seed": list(seed_runs)})
@@ -58,7 +58,8 @@ def test_pairing_by_seed_finds_a_gain_smaller_than_the_seed_to_seed_spread():
 
 
 def test_scale_transfer_runs_each_champion_once_on_the_same_seeds():
-    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, transfer_multiplier=2, transfer_runs=2),
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, transfer_multiplier=2, transfer_runs=2,
+                               audit_runs=0),
                   log=lambda line: None)
     guard.start("c0", 3.0)
     feed(guard, {"c0": [(3.0, 3.0), (3.01, 3.01)]})
@@ -76,21 +77,70 @@ def test_scale_transfer_runs_each_champion_once_on_the_same_seeds():
     assert len(guard.transfer_summary()) == 2
 
 
-def test_re_runs_on_other_seeds_than_the_champion_fall_back_to_welch():
+def test_re_runs_on_other_seeds_than_the_champion_fall_back_to_welch_and_to_the_means():
     # A run resumed from before pairing queued its re-runs on seeds counted upward from 1003.
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.001), log=lambda line: None)
-    guard.start("seed", 3.0)
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.001, audit_runs=0), log=lambda line: None)
+    guard.start("seed", 2.95)
     feed(guard, {"seed": [(3.0, 3.1), (3.02, 3.12), (2.98, 3.08)]})
     assert guard.consider("old", 2.5) is True
     guard.queue = [GuardRun("old", GUARD_SEEDS + 3 + i, "rerun") for i in range(3)]
     feed(guard, {"old": [(2.80, 2.90)] * 3})
     record = guard.records["old"]
-    assert record.verdict == "promoted" and record.against == "" and guard.paired_estimate("old") is None
+    assert record.verdict == "promoted" and record.against == ""
     assert record.p_value == pytest.approx(welch_less([2.80] * 3, [3.0, 3.02, 2.98], 0.001))
+    # Not its lucky first draw (2.5): the seed's first draw plus the difference of the two re-run means.
+    assert guard.paired_estimate("old") == pytest.approx(2.95 + 2.80 - 3.0)
+
+
+def test_guard_seeds_skip_the_evaluation_seed_and_follow_the_champions_ok_runs():
+    # A run whose evaluation seed is 1001: no guard run may repeat a first draw's seed.
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, audit_runs=0), log=lambda line: None, evaluation_seed=1001)
+    guard.start("seed", 3.0)
+    assert [run.seed for run in guard.queue] == [1000, 1002, 1003]
+    noise = [guard.take() for _ in range(3)]
+    for run, status in zip(noise, ("ok", "crash", "ok")):  # the champion's run on 1002 failed
+        guard.record(run, status, {"val_bpb": 3.0 + run.seed % 2 * 0.02, "heldout_bpb": 3.1})
+    assert guard.consider("child", 2.9) is True
+    # Its re-runs go first on the seeds the champion ran ok, so none is wasted unpaired.
+    assert [run.seed for run in guard.queue] == [1000, 1003, 1002]
+
+
+def test_each_promotion_is_checked_on_fresh_seeds_no_decision_used():
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, audit_runs=2), log=lambda line: None)
+    guard.start("c0", 3.0)
+    feed(guard, {"c0": [(3.0, 3.0), (3.01, 3.01)]})
+    assert guard.consider("c1", 2.9)
+    # Its two re-runs, then (once promoted) its and c0's runs on the fresh seeds: on those c1 gains
+    # 0.05 where its re-runs claimed 0.10. Reported; it decides nothing.
+    feed(guard, {"c1": [(2.9, 2.9), (2.91, 2.91), (2.95, 2.95), (2.95, 2.95)], "c0": [(3.0, 3.0), (3.0, 3.0)]})
+    assert guard.champions == ["c0", "c1"] and guard.records["c1"].verdict == "promoted"
+    assert [(s.seed, s.kind) for s in guard.records["c0"].audit] == [(2000, "audit"), (2001, "audit")]
+    assert [s.seed for s in guard.records["c1"].audit] == [2000, 2001]
+    assert guard.audit_summary() == [("fresh-seed check: c1 vs c0: -0.0500 val_bpb on 2 seed(s) no decision used; "
+                                      "the re-runs claimed -0.1000: the gain held")]
+    assert guard.consider("c2", 2.8)
+    feed(guard, {"c2": [(2.85, 2.85), (2.86, 2.86), (2.96, 2.96), (2.96, 2.96)], "c1": [(2.95, 2.95)] * 2})
+    assert [s.seed for s in guard.records["c2"].audit] == [2002, 2003]  # the next promotion's own seeds
+    lines = guard.audit_summary()
+    assert "c2 vs c1: +0.0100" in lines[1] and "did NOT hold" in lines[1]
+    assert lines[2] == "fresh-seed check, all 2 checked promotions together: -0.0400 val_bpb (the re-runs claimed -0.1500)"
+
+
+def test_a_checkpoint_from_before_pairing_restores():
+    guard = Guard(GuardSection(), log=lambda line: None)
+    guard.start("seed", 3.0)
+    state = json.loads(json.dumps(guard.to_state()))
+    state["next_seed"] = 1003  # what the guard used to save
+    for record in state["records"].values():
+        del record["against"], record["audit"]
+    restored = Guard(GuardSection(), log=lambda line: None)
+    restored.restore(state)
+    assert restored.records["seed"].against == "" and restored.records["seed"].audit == []
+    assert [run.seed for run in restored.queue] == [1000, 1001, 1002]
 
 
 def test_a_real_gain_is_promoted_and_reported_as_the_rerun_mean():
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0, min_delta=0.001), log=lambda line: None)
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0, min_delta=0.001, audit_runs=0), log=lambda line: None)
     guard.start("seed", 3.00)
     assert guard.consider("early", 2.5) is False  # the floor is not measured yet: deferred
     feed(guard, {"seed": [(3.00, 3.10), (3.02, 3.12), (2.98, 3.08)], "early": [(2.80, 2.90)] * 3})
@@ -102,7 +152,7 @@ def test_a_real_gain_is_promoted_and_reported_as_the_rerun_mean():
 
 
 def test_noise_sized_gains_are_not_even_candidates_and_held_out_can_veto():
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0), log=lambda line: None)
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0, audit_runs=0), log=lambda line: None)
     guard.start("seed", 3.0)
     feed(guard, {"seed": [(3.0, 3.1), (3.1, 3.2), (2.9, 3.0)]})  # sigma = 0.1
     assert guard.consider("tiny", 2.85) is False  # within 2 sigma of the champion's mean
@@ -116,7 +166,7 @@ def test_noise_sized_gains_are_not_even_candidates_and_held_out_can_veto():
 
 
 def test_overfitting_alarm_when_val_improves_but_held_out_does_not():
-    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, alarm_window=3), log=lambda line: None)
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, alarm_window=3, audit_runs=0), log=lambda line: None)
     guard.start("c0", 3.0)
     feed(guard, {"c0": [(3.00, 3.00), (3.01, 3.01)]})
     for name, val, held in (("c1", 2.90, 2.995), ("c2", 2.80, 2.990)):
@@ -148,7 +198,8 @@ def test_a_run_with_the_guard_promotes_a_real_gain_with_honest_numbers(setup_run
     individuals, state = RunStore(run_dir).load()
     guard = state["guard"]
     assert len(guard["records"]["v00001"]["samples"]) == 3  # the noise floor
-    assert state["counters"]["guard_runs"] == 3 + 3 * (len(guard["records"]) - 1)
+    promotions = len(guard["champions"]) - 1  # each adds a fresh-seed check of the new and the previous champion
+    assert state["counters"]["guard_runs"] == 3 + 3 * (len(guard["records"]) - 1) + 2 * promotions
     assert guard["queue"] == []  # the run ended with every verdict given
     text = status_text(run_dir)
     assert "noise floor: sigma" in text and "held-out" in text

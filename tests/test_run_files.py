@@ -104,15 +104,15 @@ def check_against_store(run_dir) -> list[dict]:
             guard_rows.setdefault(row["id"], []).append(row)
     records = state["guard"]["records"]
     seed_id = state["guard"]["champions"][0]
-    assert set(guard_rows) == {i for i, r in records.items() if r["samples"] or r["transfer"]}
+    assert set(guard_rows) == {i for i, r in records.items() if r["samples"] or r["transfer"] or r["audit"]}
     for individual_id, record in records.items():
-        samples = record["samples"] + record["transfer"]
+        samples = record["samples"] + record["transfer"] + record["audit"]
         mine = guard_rows.get(individual_id, [])
         assert sorted(int(r["seed"]) for r in mine) == sorted(s["seed"] for s in samples)
         expected_kind = "noise" if individual_id == seed_id else "rerun"
-        assert {r["kind"] for r in mine} <= {expected_kind, "transfer"}
-        for row in mine:
-            sample = next(s for s in samples if s["seed"] == int(row["seed"]))
+        assert {r["kind"] for r in mine} <= {expected_kind, "transfer", "audit"}
+        for row in mine:  # the same seed may serve a re-run and a transfer run: matched by both
+            sample = next(s for s in samples if s["seed"] == int(row["seed"]) and s["kind"] == row["kind"])
             assert row["status"] == sample["status"]
             assert number(row["val_bpb"]) == pytest.approx(sample["val_bpb"], abs=1e-6)
             assert number(row["heldout_bpb"]) == pytest.approx(sample["heldout_bpb"], abs=1e-6)

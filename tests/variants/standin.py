@@ -13,7 +13,7 @@ import torch
 import prepare
 
 QUALITY = 0.5
-NOISE = 0.0  # seed-dependent jitter of QUALITY, so re-runs with new seeds differ like real ones
+NOISE = 0.0  # seed-dependent jitter of QUALITY, so runs on other seeds differ like real ones
 SLEEP = 0.2
 LEDGER = ""
 
