@@ -76,6 +76,9 @@ def champion_lines(population: Population, guard: Guard, store: RunStore | None 
         + (f"; first draw {stats['first_val']:.4f}, gap {stats['first_draw_gap']:+.4f}" if stats["first_val"] is not None else ""),
         f"  held-out {stats['held_mean']:.4f} ± {stats['held_std']:.4f} {guard.heldout_note()}",
     ] + lines
+    standing = guard.on_evaluation_seed(champion.id)
+    if standing is not None:  # the re-run mean averages the guard's seeds; first draws share another
+        lines.insert(2, f"  on the first draws' seed {standing:.4f}: compare first draws with this, not with the re-run mean")
     measured = guard.measured_sigma()
     if measured is not None:
         floored = (f"; below guard.min_sigma, so the guard uses {guard.sigma():.4f}: identical noise runs cannot "

@@ -87,7 +87,7 @@ def test_a_noise_floor_of_zero_never_makes_a_difference_significant():
 # ---- held-out looks ----
 
 def test_each_promotion_decision_that_reads_held_out_is_counted_and_survives_a_checkpoint():
-    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0), log=lambda line: None)
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, audit_runs=0), log=lambda line: None)
     guard.start("seed", 3.0)
     feed(guard, {"seed": [(3.0, 3.1), (3.02, 3.12)]})
     assert guard.heldout_consulted == 0

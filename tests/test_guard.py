@@ -205,6 +205,9 @@ def test_a_run_with_the_guard_promotes_a_real_gain_with_honest_numbers(setup_run
     assert "noise floor: sigma" in text and "held-out" in text
     champion = guard["champions"][-1]
     assert len(guard["champions"]) >= 2  # a QUALITY step is worth far more than the noise
+    # The champion's standing on the first draws' seed, and each promotion checked on a fresh seed.
+    assert f"on the first draws' seed {engine.guard.on_evaluation_seed(champion):.4f}" in text
+    assert text.count("fresh-seed check: ") == len(guard["champions"]) - 1
     out = export(run_dir, tmp_path / "out")
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["id"] == champion and meta["guard"]["n"] == 3
