@@ -137,11 +137,11 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
         *champion_lines(population, guard, store),
         "",
         "best by selection score (what selection uses: the paired estimate where the guard re-ran it, else the first draw):",
-        f"  {'id':<8} {'val_bpb':>9} {'which':<12} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
+        f"  {'id':<8} {'val_bpb':>9} {'which':<15} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
     ]
     for individual in population.ranked()[:top]:
         parent = individual.parents[0] if individual.parents else "-"
-        lines.append(f"  {individual.id:<8} {population.score(individual):>9.4f} {population.score_label(individual):<12} "
+        lines.append(f"  {individual.id:<8} {population.score(individual):>9.4f} {population.score_label(individual):<15} "
                      f"{individual.operator:<10} {parent:<8} "
                      f"{individual.verdict:<20} {individual.hypothesis[:60]}{trust_note(individual.metrics)}")
     lines += ["", "by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.by_status.items()))]
