@@ -352,8 +352,7 @@ class Guard:
         lines, checked, claimed = [], [], []
         for i in range(1, len(self.champions)):
             new, old = self.records[self.champions[i]], self.records[self.champions[i - 1]]
-            theirs = {s.seed: s.val_bpb for s in old.ok("audit")}
-            fresh = [s.val_bpb - theirs[s.seed] for s in new.ok("audit") if s.seed in theirs]
+            fresh = [val for val, _ in paired_differences(new, old, "audit")]
             if not fresh:
                 continue
             gain = mean_std(fresh)[0]
@@ -383,8 +382,9 @@ class Guard:
         return lines
 
 
-def paired_differences(record: Record, reference: Record) -> list[tuple[float, float]]:
-    """(val, held-out) of record minus reference on each guard seed both ran ok, in seed order."""
-    theirs = {s.seed: s for s in reference.ok()}
+def paired_differences(record: Record, reference: Record, which: str = "samples") -> list[tuple[float, float]]:
+    """(val, held-out) of record minus reference on each seed both ran ok, in seed order: their
+    guard runs, or (which="audit") their fresh-seed checks."""
+    theirs = {s.seed: s for s in reference.ok(which)}
     return [(s.val_bpb - theirs[s.seed].val_bpb, s.heldout_bpb - theirs[s.seed].heldout_bpb)
-            for s in sorted(record.ok(), key=lambda s: s.seed) if s.seed in theirs]
+            for s in sorted(record.ok(which), key=lambda s: s.seed) if s.seed in theirs]
