@@ -5,8 +5,8 @@ the best are never lost: elitism is built in), plus the migrants it received. Pa
 a tournament among an island's members; failed variants are never members.
 
 "Best" is by selection score, one number per individual (`score`), on the scale of the run's
-evaluation seed that every first draw uses: the guard's paired estimate once its re-runs were set
-against a champion's seed by seed, else its first draw. A variant the guard re-ran therefore
+evaluation seed that every first draw uses: the guard's paired estimate once it has re-runs (set
+against the seed variant's runs seed by seed), else its first draw. A variant the guard re-ran therefore
 competes on what its re-runs showed, not on the lucky draw that made it a candidate; one whose
 re-runs mostly failed ranks after every variant that did not (`rerun_failed`). The guard feeds
 both through `attach_guard`; without a guard every score is a first draw.
@@ -88,7 +88,7 @@ class Population:
     # ---- the one number selection uses ----
     def score(self, individual: Individual) -> float | None:
         """One scale for every variant, the run's evaluation seed, which every first draw uses: the
-        guard's paired estimate once its re-runs were set against a champion's seed by seed (a
+        guard's paired estimate once it has re-runs, set against the seed variant's seed by seed (a
         refused lucky draw drops to where its re-runs put it), else the first draw. A re-run mean
         is not on this scale: it averages other seeds."""
         estimate = self._paired_estimate(individual.id)
