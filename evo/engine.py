@@ -417,11 +417,14 @@ class Engine:
             stats = record.stats()
             champion_id, value = record.id, stats["val_mean"] if stats else record.first_val
             label = "re-run mean" if stats else "first draw, re-runs pending"
+            on_seed = self.guard.on_evaluation_seed(record.id) if stats else None
         else:  # no guard: the champion is simply the best first draw
             best = self.population.best()
             champion_id, value, label = (best.id, best.val_bpb, "first draw") if best else (None, None, "")
+            on_seed = None
         first = self.population.best_first_draw()
-        return standing(champion_id, value, label, first.id if first else None, first.val_bpb if first else None), champion_id
+        return standing(champion_id, value, label, first.id if first else None, first.val_bpb if first else None,
+                        on_seed), champion_id
 
     def _report(self, individual: Individual) -> None:
         total = self.config.stopping.max_evaluations

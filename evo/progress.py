@@ -21,11 +21,14 @@ class Snapshot:
 
 
 def standing(champion_id: str | None, champion_value: float | None, champion_label: str,
-             first_id: str | None, first_value: float | None) -> str:
+             first_id: str | None, first_value: float | None, champion_on_seed: float | None = None) -> str:
     """The two numbers a run reports, one word each (README, "Reading the output"):
-    champion: the guard's promoted variant, its re-run mean (or its first draw before re-runs);
+    champion: the guard's promoted variant, its re-run mean (or its first draw before re-runs),
+    and, beside a re-run mean, its standing on the first draws' seed: the number each new first
+    draw is compared with (a re-run mean averages other seeds);
     best first draw: the lowest single evaluation, which may be a lucky draw the guard refused."""
-    champion = (f"champion {champion_value:.4f} ({champion_id}, {champion_label})"
+    on_seed = f"; {champion_on_seed:.4f} on the first draws' seed" if champion_on_seed is not None else ""
+    champion = (f"champion {champion_value:.4f} ({champion_id}, {champion_label}{on_seed})"
                 if champion_id is not None and champion_value is not None else "champion -")
     first = f"best first draw {first_value:.4f} ({first_id})" if first_id is not None else "best first draw -"
     return f"{champion} | {first}"

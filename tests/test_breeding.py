@@ -204,11 +204,15 @@ def test_a_run_with_the_guard_selects_by_paired_estimates_not_a_refused_lucky_dr
     # One word per number: "champion" is the guard's (its re-run mean), "best first draw" the lowest
     # single evaluation. The lucky draw is the best first draw, shown as such, and never the champion.
     evaluation_lines = [line for line in lines if line.startswith("[")]
-    assert all(re.search(r"champion \d\.\d{4} \(v\d+, (re-run mean|first draw, re-runs pending)\) \| "
+    assert all(re.search(r"champion \d\.\d{4} \(v\d+, (re-run mean; \d\.\d{4} on the first draws' seed|first draw, re-runs pending)\) \| "
                          r"best first draw \d\.\d{4} \(v\d+\)", line) for line in evaluation_lines)
     assert any(f"best first draw 1.5000 ({lucky.id})" in line for line in evaluation_lines)
-    assert not any(f"champion 1.5000 ({lucky.id}" in line or f"({lucky.id}, re-run mean)" in line for line in lines)
+    assert not any(f"champion 1.5000 ({lucky.id}" in line or f"({lucky.id}, re-run mean" in line for line in lines)
     assert ticks[-1].champion_id != lucky.id and f"best first draw 1.5000 ({lucky.id})" in ticks[-1].standing
+    # Beside the re-run mean, the champion's standing on the seed every first draw shares.
+    champion = engine.guard.champion.id
+    on_seed = engine.guard.on_evaluation_seed(champion)
+    assert f"({champion}, re-run mean; {on_seed:.4f} on the first draws' seed)" in ticks[-1].standing
     table = status_text(run_dir).split("best by selection")[1]
     assert "the paired estimate where the guard re-ran it, else the first draw" in table  # says which number
     assert f"{lucky.id}      1.5000" not in table  # never listed at its lucky draw
