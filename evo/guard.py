@@ -369,22 +369,22 @@ class Guard:
         return lines
 
     def transfer_summary(self) -> list[str]:
+        """Each promotion at the larger budget: the new champion minus the one before, seed by seed
+        (both ran the same transfer seeds)."""
         lines = []
         for i in range(1, len(self.champions)):
             new, old = self.records[self.champions[i]], self.records[self.champions[i - 1]]
-            a, b = new.ok("transfer"), old.ok("transfer")
-            if a and b:
-                new_mean = sum(s.val_bpb for s in a) / len(a)
-                old_mean = sum(s.val_bpb for s in b) / len(b)
-                held = "held" if new_mean < old_mean else "did NOT hold"
-                lines.append(f"scale transfer x{self.s.transfer_multiplier:g}: {new.id} vs {old.id}: "
-                             f"{new_mean:.4f} vs {old_mean:.4f}, the gain {held}")
+            differences = [val for val, _ in paired_differences(new, old, "transfer")]
+            if differences:
+                gain = mean_std(differences)[0]
+                lines.append(f"scale transfer x{self.s.transfer_multiplier:g}: {new.id} vs {old.id}: {gain:+.4f} val_bpb "
+                             f"on {len(differences)} shared seed(s): the gain {'held' if gain < 0 else 'did NOT hold'}")
         return lines
 
 
 def paired_differences(record: Record, reference: Record, which: str = "samples") -> list[tuple[float, float]]:
     """(val, held-out) of record minus reference on each seed both ran ok, in seed order: their
-    guard runs, or (which="audit") their fresh-seed checks."""
+    guard runs, or (which="audit" or "transfer") their fresh-seed checks or larger-budget runs."""
     theirs = {s.seed: s for s in reference.ok(which)}
     return [(s.val_bpb - theirs[s.seed].val_bpb, s.heldout_bpb - theirs[s.seed].heldout_bpb)
             for s in sorted(record.ok(which), key=lambda s: s.seed) if s.seed in theirs]

@@ -74,7 +74,9 @@ def test_scale_transfer_runs_each_champion_once_on_the_same_seeds():
     assert guard.champions == ["c0", "c1", "c2"]
     # c1 was the new champion, then the previous one: one set of runs at 2x, not two on the same seeds.
     assert transfer == {who: [GUARD_SEEDS, GUARD_SEEDS + 1] for who in ("c0", "c1", "c2")}
-    assert len(guard.transfer_summary()) == 2
+    assert guard.transfer_summary() == [
+        f"scale transfer x2: {new} vs {old}: -0.1000 val_bpb on 2 shared seed(s): the gain held"
+        for new, old in (("c1", "c0"), ("c2", "c1"))]
 
 
 def test_re_runs_on_other_seeds_than_the_champion_fall_back_to_welch_and_to_the_means():
