@@ -346,13 +346,18 @@ class Guard:
                     "treat recent gains with suspicion.")
         return None
 
+    def _promotions(self, which: str):
+        """(new champion, the one before, their val differences seed by seed on their `which` runs)
+        for each promotion, oldest first."""
+        for i in range(1, len(self.champions)):
+            new, old = self.records[self.champions[i]], self.records[self.champions[i - 1]]
+            yield new, old, [val for val, _ in paired_differences(new, old, which)]
+
     def audit_summary(self) -> list[str]:
         """Each promotion on seeds no decision used: the new champion minus the one before, seed by
         seed, next to what their re-runs on the shared seeds claimed."""
         lines, checked, claimed = [], [], []
-        for i in range(1, len(self.champions)):
-            new, old = self.records[self.champions[i]], self.records[self.champions[i - 1]]
-            fresh = [val for val, _ in paired_differences(new, old, "audit")]
+        for new, old, fresh in self._promotions("audit"):
             if not fresh:
                 continue
             gain = mean_std(fresh)[0]
@@ -370,15 +375,19 @@ class Guard:
 
     def transfer_summary(self) -> list[str]:
         """Each promotion at the larger budget: the new champion minus the one before, seed by seed
-        (both ran the same transfer seeds)."""
+        (both run the same transfer seeds). Nothing while their runs are pending."""
         lines = []
-        for i in range(1, len(self.champions)):
-            new, old = self.records[self.champions[i]], self.records[self.champions[i - 1]]
-            differences = [val for val, _ in paired_differences(new, old, "transfer")]
+        for new, old, differences in self._promotions("transfer"):
+            if not new.transfer and not old.transfer:  # transfer is off, or their runs are pending
+                continue
+            multiplier = f" x{self.s.transfer_multiplier:g}" if self.s.transfer_multiplier else ""  # off since a resume
+            head = f"scale transfer{multiplier}: {new.id} vs {old.id}:"
             if differences:
                 gain = mean_std(differences)[0]
-                lines.append(f"scale transfer x{self.s.transfer_multiplier:g}: {new.id} vs {old.id}: {gain:+.4f} val_bpb "
-                             f"on {len(differences)} shared seed(s): the gain {'held' if gain < 0 else 'did NOT hold'}")
+                lines.append(f"{head} {gain:+.4f} val_bpb on {len(differences)} shared seed(s): "
+                             f"the gain {'held' if gain < 0 else 'did NOT hold'}")
+            elif new.transfer and old.transfer:  # both ran, but on no seed did both run ok
+                lines.append(f"{head} no seed where both ran ok")
         return lines
 
 

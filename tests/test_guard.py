@@ -79,6 +79,40 @@ def test_scale_transfer_runs_each_champion_once_on_the_same_seeds():
         for new, old in (("c1", "c0"), ("c2", "c1"))]
 
 
+def test_scale_transfer_pairs_the_champions_runs_by_seed():
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, transfer_multiplier=2, transfer_runs=2,
+                               audit_runs=0),
+                  log=lambda line: None)
+    guard.start("c0", 3.0)
+    feed(guard, {"c0": [(3.0, 3.0), (3.01, 3.01)]})
+    quality = {"c0": 3.0, "c1": 2.95, "c2": 2.9}
+    hard_seed = GUARD_SEEDS + 1  # 0.3 worse for everyone at the larger budget
+    for name in ("c1", "c2"):
+        assert guard.consider(name, quality[name] - 0.01)
+        while guard.queue:
+            job = guard.take()
+            transfer = job.kind == "transfer"
+            failed = transfer and (job.individual == "c2" or (job.individual, job.seed) == ("c0", hard_seed))
+            val = quality[job.individual] + (0.3 if transfer and job.seed == hard_seed else 0.0)
+            guard.record(job, "crash" if failed else "ok", {} if failed else {"val_bpb": val, "heldout_bpb": val})
+    assert guard.champions == ["c0", "c1", "c2"]
+    # c0 ran ok only on the easy seed: c1 is set against it there (by the means, c1's hard-seed run
+    # would have made the gain look lost), and c2, whose runs all failed, shares no seed with c1.
+    assert guard.transfer_summary() == [
+        "scale transfer x2: c1 vs c0: -0.0500 val_bpb on 1 shared seed(s): the gain held",
+        "scale transfer x2: c2 vs c1: no seed where both ran ok"]
+
+
+def test_the_guard_power_benchmark_drives_the_real_guard():
+    from benchmarks.guard_power import NoiseModel, one_child
+
+    settings = GuardSection(noise_runs=4, reruns=4, z=1.0, audit_runs=0)
+    assert one_child(settings, 0.5, NoiseModel(0, 0.031, 0.020)) == (True, 4)  # far above the noise: 4 re-runs, promoted
+    assert one_child(settings, -0.5, NoiseModel(0, 0.031, 0.020)) == (False, 0)  # worse: never a candidate, no runs
+    noise = NoiseModel(7, 0.031, 0.020)  # a trial's numbers do not depend on the order they are asked for
+    assert noise.child(1001, 0.0) - noise.champion(1001) == NoiseModel(7, 0.031, 0.020).child(1001, 0.0) - noise.champion(1001)
+
+
 def test_re_runs_on_other_seeds_than_the_champion_fall_back_to_welch_and_to_the_means():
     # A run resumed from before pairing queued its re-runs on seeds counted upward from 1003.
     guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.001, audit_runs=0), log=lambda line: None)
