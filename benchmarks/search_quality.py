@@ -1,6 +1,6 @@
 """Does a population find better train.py files than the alternatives, for the same evaluations?
 
-    python benchmarks/search_quality.py [--evaluations 20] [--budget 10] [--repeats 2] [--reruns 5]
+    python benchmarks/search_quality.py [--evaluations 20] [--budget 10] [--repeats 2] [--first-repeat 0] [--reruns 5]
                                         [--gain 0.02] [--methods greedy random optuna evo] [--data-dir DIR]
                                         [--keep DIR]
 
@@ -20,6 +20,7 @@ The table goes to stdout in Markdown, ready for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import statistics
 import sys
@@ -195,6 +196,9 @@ def main() -> None:
     parser.add_argument("--evaluations", type=int, default=20)
     parser.add_argument("--budget", type=float, default=10.0, help="training seconds per evaluation")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--first-repeat", type=int, default=0,
+                        help="repeat r seeds every method's proposals and evaluations with r, so a run of repeats 0-3 "
+                             "replays the same proposal streams as the last; start elsewhere for new ones")
     parser.add_argument("--reruns", type=int, default=5, help="fresh runs of each final champion")
     parser.add_argument("--gain", type=float, default=0.02, help="val_bpb below the seed's first draw to reach")
     parser.add_argument("--methods", nargs="+", default=["greedy", "random", "optuna", "evo"])
@@ -203,7 +207,7 @@ def main() -> None:
     args = parser.parse_args()
     prepare.verify(args.data_dir)
     rows = []
-    for repeat in range(args.repeats):
+    for repeat in range(args.first_repeat, args.first_repeat + args.repeats):
         greedy_final = None  # greedy's best first draw after all its evaluations, in this repeat
         for method in args.methods:
             row = _run_method(method, repeat, args)
@@ -231,6 +235,26 @@ def main() -> None:
         print(f"| {method} | {_mean(r['val'] for r in mine):.4f} | {_mean(r['heldout'] for r in mine):.4f} | "
               f"{_mean(r['reached'] or late for r in mine):.1f} | {_mean(r['to_greedy'] or late for r in mine):.1f} | "
               f"{_mean(r['wasted'] for r in mine):.0%} | {_mean(r['evaluations'] + r['guard_runs'] for r in mine):.1f} |")
+    _print_against_greedy(rows, args.methods)
+
+
+def _print_against_greedy(rows: list[dict], methods: list[str]) -> None:
+    """Each method's champion minus greedy's, repeat by repeat (they share the repeat's seed): how
+    far apart the methods are, and whether the repeats can tell."""
+    greedy = {r["repeat"]: r["val"] for r in rows if r["method"] == "greedy"}
+    others = [m for m in methods if m != "greedy"]
+    if not greedy or not others:
+        return
+    print("\nChampion val minus greedy's, repeat by repeat (negative: better than greedy):\n")
+    for method in others:
+        differences = [r["val"] - greedy[r["repeat"]] for r in rows if r["method"] == method and r["repeat"] in greedy]
+        differences = [d for d in differences if not math.isnan(d)]  # a champion whose fresh re-runs all failed
+        if not differences:
+            continue
+        spread = statistics.stdev(differences) / len(differences) ** 0.5 if len(differences) > 1 else float("nan")
+        wins = sum(d < 0 for d in differences)
+        print(f"- {method}: {', '.join(f'{d:+.4f}' for d in differences)}; mean {statistics.fmean(differences):+.4f} "
+              f"± {spread:.4f} (standard error), better in {wins} of {len(differences)}")
 
 
 if __name__ == "__main__":
