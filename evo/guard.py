@@ -142,10 +142,25 @@ class Guard:
         return self.records[self.champions[-1]] if self.champions else None
 
     def measured_sigma(self) -> float | None:
-        """The spread of the seed's noise runs, as measured (may be 0)."""
+        """The spread of one variant's val_bpb across the guard's seeds, as measured (may be 0): the
+        seed variant's noise runs, pooled by degrees of freedom with every re-run variant's re-runs,
+        which measure the same spread. A few runs can agree by luck (4 noise runs once fell within
+        0.004 where 0.02 is usual, and nearly every child became a candidate); each re-run set
+        corrects that. None until the seed variant has two runs."""
         seed = self.records.get(self.champions[0]) if self.champions else None
-        stats = seed.stats() if seed and len(seed.ok()) >= 2 else None
-        return stats["val_std"] if stats else None
+        if seed is None or len(seed.ok()) < 2:
+            return None
+        squares = dof = 0.0
+        for record in self.records.values():
+            values = [s.val_bpb for s in record.ok()]
+            if len(values) >= 2:
+                squares += mean_std(values)[1] ** 2 * (len(values) - 1)
+                dof += len(values) - 1
+        return math.sqrt(squares / dof)
+
+    def sigma_sources(self) -> int:
+        """How many variants' runs the measured sigma pools, the seed variant's included."""
+        return sum(len(record.ok()) >= 2 for record in self.records.values())
 
     def sigma(self) -> float | None:
         """The noise floor the guard decides with: never below min_sigma, so a floor of 0 (identical

@@ -83,7 +83,10 @@ def champion_lines(population: Population, guard: Guard, store: RunStore | None 
     if measured is not None:
         floored = (f"; below guard.min_sigma, so the guard uses {guard.sigma():.4f}: identical noise runs cannot "
                    "make a difference significant") if measured < guard.s.min_sigma else ""
-        lines.append(f"  noise floor: sigma {measured:.4f} val_bpb between seeds of the unchanged seed variant{floored}")
+        others = guard.sigma_sources() - 1
+        pooled = f", pooled with the re-runs of {others} candidate(s)" if others else ""
+        lines.append(f"  noise floor: sigma {measured:.4f} val_bpb between the guard's seeds (the seed variant's noise "
+                     f"runs{pooled}){floored}")
     if len(guard.champions) > 1:
         lines.append("  champions so far: " + " -> ".join(guard.champions))
     verdicts = [r for r in guard.records.values() if r.verdict and r.verdict not in ("champion", "promoted")]

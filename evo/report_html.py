@@ -111,7 +111,7 @@ def _table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozen
 def _guard_html(facts: RunFacts) -> str:
     sigma = facts.guard.sigma()
     s = facts.guard.s
-    intro = (f"<p>noise floor: sigma <b>{_num(sigma)}</b> val_bpb between re-runs of the unchanged seed on different seeds. "
+    intro = (f"<p>noise floor: sigma <b>{_num(sigma)}</b> val_bpb: the spread of one variant's runs across the guard's seeds (the seed's noise runs, pooled with every candidate's re-runs). "
              if sigma is not None else "<p>noise floor: not measured yet (the seed's re-runs have not finished). ")
     intro += (f"A child becomes a candidate when its first draw beats the champion's on the same evaluation seed by "
               f"more than max(min_delta {s.min_delta:g}, z {s.z:g} × sigma); it is promoted when {s.reruns} re-runs on "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -55,6 +56,19 @@ def test_pairing_by_seed_finds_a_gain_smaller_than_the_seed_to_seed_spread():
     feed(guard, {"lucky": [(v + t, h) for (v, h), t in zip(better_runs, (0.002, -0.003, 0.001))]})
     assert guard.records["lucky"].verdict == "not significant" and guard.records["lucky"].against == "better"
     assert guard.paired_estimate("lucky") == pytest.approx(2.455) and guard.paired_estimate("seed") is None
+
+
+def test_the_noise_floor_pools_the_seed_runs_with_every_candidates_re_runs():
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.0, audit_runs=0), log=lambda line: None)
+    guard.start("seed", 2.50)
+    feed(guard, {"seed": [(2.500, 2.1), (2.501, 2.1), (2.502, 2.1)]})  # three seeds that agree by luck
+    assert guard.measured_sigma() == pytest.approx(0.001) and guard.sigma_sources() == 1
+    assert guard.consider("lucky", 2.497)  # past a bar that low
+    feed(guard, {"lucky": [(2.47, 2.1), (2.53, 2.1), (2.50, 2.1)]})  # its re-runs spread 0.03 over the same seeds
+    assert guard.records["lucky"].verdict == "not significant"
+    # Pooled by degrees of freedom (2 each): the candidate's runs measure the same spread.
+    assert guard.measured_sigma() == pytest.approx(math.sqrt((0.001**2 + 0.03**2) / 2)) and guard.sigma_sources() == 2
+    assert guard.consider("next", 2.497) is False  # the same first draw is no candidate any more
 
 
 def test_scale_transfer_runs_each_champion_once_on_the_same_seeds():
@@ -239,6 +253,8 @@ def test_a_run_with_the_guard_promotes_a_real_gain_with_honest_numbers(setup_run
     assert guard["queue"] == []  # the run ended with every verdict given
     text = status_text(run_dir)
     assert "noise floor: sigma" in text and "held-out" in text
+    candidates = len(guard["records"]) - 1  # every one re-ran ok here: its runs join the floor
+    assert f"pooled with the re-runs of {candidates} candidate(s)" in text
     champion = guard["champions"][-1]
     assert len(guard["champions"]) >= 2  # a QUALITY step is worth far more than the noise
     # The champion's standing on the first draws' seed, and each promotion checked on a fresh seed.
