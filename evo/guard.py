@@ -150,17 +150,18 @@ class Guard:
         seed = self.records.get(self.champions[0]) if self.champions else None
         if seed is None or len(seed.ok()) < 2:
             return None
-        squares = dof = 0.0
-        for record in self.records.values():
-            values = [s.val_bpb for s in record.ok()]
-            if len(values) >= 2:
-                squares += mean_std(values)[1] ** 2 * (len(values) - 1)
-                dof += len(values) - 1
-        return math.sqrt(squares / dof)
+        runs = self._spread_runs()
+        squares = sum(mean_std(values)[1] ** 2 * (len(values) - 1) for values in runs)
+        return math.sqrt(squares / sum(len(values) - 1 for values in runs))
 
     def sigma_sources(self) -> int:
         """How many variants' runs the measured sigma pools, the seed variant's included."""
-        return sum(len(record.ok()) >= 2 for record in self.records.values())
+        return len(self._spread_runs())
+
+    def _spread_runs(self) -> list[list[float]]:
+        """Each variant's val_bpb on the guard's seeds, where it has two or more: what sigma pools."""
+        runs = [[s.val_bpb for s in record.ok()] for record in self.records.values()]
+        return [values for values in runs if len(values) >= 2]
 
     def sigma(self) -> float | None:
         """The noise floor the guard decides with: never below min_sigma, so a floor of 0 (identical
@@ -393,8 +394,6 @@ class Guard:
         (both run the same transfer seeds). Nothing while their runs are pending."""
         lines = []
         for new, old, differences in self._promotions("transfer"):
-            if not new.transfer and not old.transfer:  # transfer is off, or their runs are pending
-                continue
             multiplier = f" x{self.s.transfer_multiplier:g}" if self.s.transfer_multiplier else ""  # off since a resume
             head = f"scale transfer{multiplier}: {new.id} vs {old.id}:"
             if differences:

@@ -71,12 +71,18 @@ def test_the_noise_floor_pools_the_seed_runs_with_every_candidates_re_runs():
     assert guard.consider("next", 2.497) is False  # the same first draw is no candidate any more
 
 
-def test_scale_transfer_runs_each_champion_once_on_the_same_seeds():
+def _transfer_guard() -> Guard:
+    """A guard whose every promotion re-runs both champions twice at 2x budget; seed c0 measured."""
     guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, transfer_multiplier=2, transfer_runs=2,
                                audit_runs=0),
                   log=lambda line: None)
     guard.start("c0", 3.0)
     feed(guard, {"c0": [(3.0, 3.0), (3.01, 3.01)]})
+    return guard
+
+
+def test_scale_transfer_runs_each_champion_once_on_the_same_seeds():
+    guard = _transfer_guard()
     transfer = {}
     for name, val in (("c1", 2.9), ("c2", 2.8)):
         assert guard.consider(name, val - 0.01)
@@ -94,11 +100,7 @@ def test_scale_transfer_runs_each_champion_once_on_the_same_seeds():
 
 
 def test_scale_transfer_pairs_the_champions_runs_by_seed():
-    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, transfer_multiplier=2, transfer_runs=2,
-                               audit_runs=0),
-                  log=lambda line: None)
-    guard.start("c0", 3.0)
-    feed(guard, {"c0": [(3.0, 3.0), (3.01, 3.01)]})
+    guard = _transfer_guard()
     quality = {"c0": 3.0, "c1": 2.95, "c2": 2.9}
     hard_seed = GUARD_SEEDS + 1  # 0.3 worse for everyone at the larger budget
     for name in ("c1", "c2"):
@@ -123,8 +125,9 @@ def test_the_guard_power_benchmark_drives_the_real_guard():
     settings = GuardSection(noise_runs=4, reruns=4, z=1.0, audit_runs=0)
     assert one_child(settings, 0.5, NoiseModel(0, 0.031, 0.020)) == (True, 4)  # far above the noise: 4 re-runs, promoted
     assert one_child(settings, -0.5, NoiseModel(0, 0.031, 0.020)) == (False, 0)  # worse: never a candidate, no runs
-    noise = NoiseModel(7, 0.031, 0.020)  # a trial's numbers do not depend on the order they are asked for
-    assert noise.child(1001, 0.0) - noise.champion(1001) == NoiseModel(7, 0.031, 0.020).child(1001, 0.0) - noise.champion(1001)
+    asked_before, fresh = NoiseModel(7, 0.031, 0.020), NoiseModel(7, 0.031, 0.020)
+    asked_before.champion(1000)  # a trial's numbers do not depend on what was asked before
+    assert asked_before.child(1001, 0.0) == fresh.child(1001, 0.0)
 
 
 def test_re_runs_on_other_seeds_than_the_champion_fall_back_to_welch_and_to_the_means():
