@@ -75,7 +75,7 @@ class Breeder:
         self.fruitless = 0  # breeding tasks in a row that produced nothing (outages and cancels aside)
         self.outages: dict[str, Outage] = {}
         self._next_island = 0
-        self._followed: set[str] | None = None  # winners whose step has been handed out (_winning_move)
+        self._used_steps: dict[str, set[str]] = {}  # ids whose winning or losing step has been handed out (_handed_out)
         for operator in operators.values():
             if hasattr(operator, "set_cancel"):  # LLM operators abandon requests in flight on cancel
                 operator.set_cancel(cancel)
@@ -166,8 +166,7 @@ class Breeder:
                     self.recorder.refused(operator.name, "no evaluated variant with different code to cross with yet")
                     continue
                 follows = getattr(operator, "follows_winning_steps", False)
-                parents = [Parent(p.id, self.recorder.code_of(p.id), p.val_bpb, self._winning_move(p) if follows else {})
-                           for p in chosen]
+                parents = [self._parent(p, follows) for p in chosen]
                 context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
                 op_rng = random.Random(self.recorder.rng.getrandbits(64))  # operators never share the engine's RNG
             proposal = self._propose(operator, parents, op_rng, context)
@@ -212,6 +211,54 @@ class Breeder:
             chosen.append(mate)
         return chosen
 
+    def _parent(self, individual, steps: bool) -> Parent:
+        """What the operator sees of a parent; with `steps`, its winning step, or else a losing step
+        of one of its children (each handed out once: see _winning_move, _losing_move). Caller holds the lock."""
+        parent = Parent(individual.id, self.recorder.code_of(individual.id), individual.val_bpb)
+        if steps:
+            parent.winning_move = self._winning_move(individual)
+            if not parent.winning_move:
+                parent.loser, parent.losing_move = self._losing_move(individual)
+        return parent
+
+    def _noise(self) -> float:
+        return self.recorder.guard.sigma() or 0.0  # a difference inside the seed's own spread is no direction
+
+    def _handed_out(self, key: str) -> set[str]:
+        """Ids whose step children have used (details[key]: "follows" or "reflects"), read from the
+        population once per process, so a resumed run goes on where it stopped."""
+        if key not in self._used_steps:
+            self._used_steps[key] = set()
+            for child in self.population.individuals.values():
+                used = json.loads(child.details or "{}").get(key)
+                if used:
+                    self._used_steps[key].add(used)
+        return self._used_steps[key]
+
+    def _losing_move(self, individual) -> tuple[str, dict]:
+        """(child id, its constant changes) for the child of `individual` that its step made worse by
+        the most, when by more than the noise floor sigma (selection scores); ("", {}) when none. Each
+        is offered once. Children that repeated or reflected a step are left out: their opposite is
+        code the run already has. Caller holds the lock."""
+        reflected = self._handed_out("reflects")
+        mine = self.population.score(individual)
+        if mine is None:
+            return "", {}
+        worst, loss = None, self._noise()
+        for child in self.population.individuals.values():
+            if not child.parents or child.parents[0] != individual.id or not child.evaluated_ok or child.id in reflected:
+                continue
+            details = json.loads(child.details or "{}")
+            theirs = self.population.score(child)
+            if "follows" in details or "reflects" in details or not details.get("changes") or theirs is None:
+                continue
+            if theirs - mine > loss:
+                worst, loss = (child.id, details["changes"]), theirs - mine
+        if worst is None:
+            return "", {}
+        reflected.add(worst[0])
+        return worst
+
     def _winning_move(self, individual) -> dict:
         """The constant changes that made `individual` from its first parent, when it scores better
         than that parent by more than the guard's noise floor sigma (by selection score, on the evaluation
@@ -219,25 +266,19 @@ class Breeder:
         out: each winning step is offered once, whether its child is then evaluated, refused or a
         duplicate. Read from the population (a child with "follows" marks a step used), so a
         resumed run goes on where it stopped. Caller holds the lock."""
-        if self._followed is None:
-            self._followed = set()
-            for child in self.population.individuals.values():
-                follows = json.loads(child.details or "{}").get("follows")
-                if follows:
-                    self._followed.add(follows)
-        if individual.id in self._followed:
+        followed = self._handed_out("follows")
+        if individual.id in followed:
             return {}
         parent = self.population.individuals.get(individual.parents[0]) if individual.parents else None
         if parent is None or not individual.evaluated_ok:
             return {}
         mine, theirs = self.population.score(individual), self.population.score(parent)
-        noise = self.recorder.guard.sigma() or 0.0  # a gain inside the seed's own spread is no direction
-        if mine is None or theirs is None or theirs - mine <= noise:
+        if mine is None or theirs is None or theirs - mine <= self._noise():
             return {}
         changes = json.loads(individual.details or "{}").get("changes")
         if not isinstance(changes, dict) or not changes:
             return {}
-        self._followed.add(individual.id)
+        followed.add(individual.id)
         return changes
 
     def _propose(self, operator, parents, rng, context):

@@ -43,6 +43,10 @@ class Parent:
     # The constant changes (name -> [old source, new source]) that made this parent from its own
     # parent, when it scored better than that parent; empty otherwise. Perturb may repeat them.
     winning_move: dict = field(default_factory=dict)
+    # The constant changes that made one of this parent's children worse than it (by more than the
+    # noise floor), and that child's id; empty otherwise. Perturb may take the opposite step.
+    losing_move: dict = field(default_factory=dict)
+    loser: str = ""
 
 
 class Operator(Protocol):

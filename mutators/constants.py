@@ -270,6 +270,11 @@ def replace_constants(code: str, new_values: dict[str, str]) -> str:
 # a fresh random step; following a direction that already paid is how a population's memory helps.
 # The breeder offers each winning step once (evo/breeder.py, _winning_move).
 FOLLOW_P = 1.0
+# The opposite probe (Hooke and Jeeves' exploratory move): when a step made a child clearly worse
+# than its parent, the parent's next perturb child takes the opposite step, with this probability
+# (DEPTH 4 -> 8 lost, so try 4 -> 2). A large loss marks a constant the score is sensitive to; the
+# other side of it is where a gain is likeliest. The breeder offers each losing step once.
+REFLECT_P = 1.0
 FRACTION_EDGE = 1e-4  # a repeated fraction step stays this far inside (0, 1): a beta of 1.0 breaks Adam
 
 
@@ -304,15 +309,18 @@ def step_again(constant: Constant, old_source: str, new_source: str):
 
 class PerturbConstants:
     """Moves one or a few hyperparameters by one step each, within their domains; or, from a
-    parent whose own step paid off, takes that step once more (FOLLOW_P)."""
+    parent whose own step paid off, takes that step once more (FOLLOW_P); or, from a parent one of
+    whose children a step made worse, takes the opposite step (REFLECT_P)."""
 
     name = "perturb"
     parents_needed = 1
-    follows_winning_steps = True  # the breeder hands it a parent's winning step (Parent.winning_move)
+    # The breeder hands it a parent's winning step and a child's losing one (Parent.winning_move, .losing_move).
+    follows_winning_steps = True
 
-    def __init__(self, max_changes: int = 2, follow: float = FOLLOW_P):
+    def __init__(self, max_changes: int = 2, follow: float = FOLLOW_P, reflect: float = REFLECT_P):
         self.max_changes = max_changes
         self.follow = follow
+        self.reflect = reflect
 
     def propose(self, parents: list[Parent], rng: random.Random) -> Proposal | Refusal:
         parent = parents[0]
@@ -326,7 +334,11 @@ class PerturbConstants:
         if parent.winning_move and rng.random() < self.follow:
             changes = self._again(constants, parent.winning_move)
         follows = ", ".join(f"{name} {parent.winning_move[name][0]} -> {parent.winning_move[name][1]}" for name in changes)
-        if not changes:  # nothing to repeat: a fresh random step
+        reflects = ""
+        if not changes and parent.losing_move and rng.random() < self.reflect:
+            changes = self._opposite(constants, parent.losing_move)
+            reflects = ", ".join(f"{name} {parent.losing_move[name][0]} -> {parent.losing_move[name][1]}" for name in changes)
+        if not changes:  # nothing to repeat or reflect: a fresh random step
             chosen = rng.sample(constants, k=min(len(constants), rng.randint(1, self.max_changes)))
             for c in chosen:
                 new = move(c, rng)
@@ -340,7 +352,25 @@ class PerturbConstants:
         if follows:
             hypothesis += f" (the parent's winning step again: {follows})"
             details["follows"] = parent.id
+        if reflects:
+            hypothesis += f" (the opposite of {parent.loser}'s losing step: {reflects})"
+            details["reflects"] = parent.loser
         return checked(Proposal(code, self.name, details, hypothesis), parent.code)
+
+    @staticmethod
+    def _opposite(constants: list[Constant], losing_move: dict) -> dict:
+        """The losing step old -> new taken the other way from old, for each constant still at old
+        (a choice or flag has no other way: skipped)."""
+        by_name = {c.name: c for c in constants}
+        changes = {}
+        for name, (old, new) in losing_move.items():
+            constant = by_name.get(name)
+            if constant is None or constant.source != old:
+                continue
+            moved = step_again(constant, new, old)
+            if moved is not None:
+                changes[name] = (constant.source, render(moved))
+        return changes
 
     @staticmethod
     def _again(constants: list[Constant], winning_move: dict) -> dict:

@@ -30,7 +30,8 @@ def _llm_crossover(config, run_dir: Path):
 
 OPERATORS = {
     "perturb": lambda config, run_dir: PerturbConstants(config.mutators.perturb.max_changes,
-                                                        config.mutators.perturb.follow),
+                                                        config.mutators.perturb.follow,
+                                                        config.mutators.perturb.reflect),
     "crossover": lambda config, run_dir: Crossover(config.mutators.crossover.max_taken),
     "optuna": _optuna,
     "llm": _llm,

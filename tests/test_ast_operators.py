@@ -130,6 +130,26 @@ def test_perturb_follows_the_parents_winning_step():
     assert isinstance(stuck, Proposal) and "follows" not in stuck.details
 
 
+def test_perturb_takes_the_opposite_of_a_childs_losing_step():
+    parent = Parent("p", SAMPLE, 2.0, losing_move={"DEPTH": ["8", "16"], "WD": ["0.1", "0.15"]}, loser="c")
+    child = PerturbConstants(reflect=1.0).propose([parent], random.Random(0))
+    assert isinstance(child, Proposal), child
+    assert child.details == {"changes": {"DEPTH": ("8", "4"), "WD": ("0.1", "0.05")}, "reflects": "c"}
+    assert "DEPTH = 4  # layers" in child.code and "WD = 0.05  # evo: range(0.0, 0.2)" in child.code
+    assert "the opposite of c's losing step: DEPTH 8 -> 16, WD 0.1 -> 0.15" in child.hypothesis
+    # A winning step comes first; reflect 0 never reflects.
+    both = Parent("p", SAMPLE, 2.0, winning_move={"LR": ["2e-4", "3e-4"]}, losing_move={"DEPTH": ["8", "16"]}, loser="c")
+    follower = PerturbConstants().propose([both], random.Random(0))
+    assert "follows" in follower.details and "reflects" not in follower.details
+    fresh = PerturbConstants(reflect=0.0).propose([parent], random.Random(0))
+    assert isinstance(fresh, Proposal) and "reflects" not in fresh.details
+    # A choice has no other way, and a constant the parent no longer holds at the step's start is
+    # left alone: with nothing to reflect, a fresh random step.
+    for losing in ({"ACT": ["'relu2'", "'gelu'"]}, {"DEPTH": ["6", "12"]}):
+        stuck = PerturbConstants().propose([Parent("p", SAMPLE, 2.0, losing_move=losing, loser="c")], random.Random(0))
+        assert isinstance(stuck, Proposal) and "reflects" not in stuck.details
+
+
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda p: p.name)
 def test_perturbations_of_the_seeds_compile(seed):
     code, rng, op = seed.read_text(), random.Random(0), PerturbConstants()

@@ -286,9 +286,9 @@ def test_perturb_repeats_a_step_once_exactly_when_it_made_its_parent_better(setu
     breeder, winner = engine.breeder, engine.population.individuals[sorted(followed)[0]]
     with engine.recorder.lock:
         assert breeder._winning_move(winner) == {}
-        breeder._followed = None  # as after a resume: rebuilt from the children's details
+        breeder._used_steps = {}  # as after a resume: rebuilt from the children's details
         assert breeder._winning_move(winner) == {}
-        breeder._followed.discard(winner.id)  # as if not handed out yet
+        breeder._used_steps["follows"].discard(winner.id)  # as if not handed out yet
         parent = engine.population.individuals[winner.parents[0]]
         gain = parent.val_bpb - winner.val_bpb
         engine.recorder.guard.sigma = lambda: gain  # a gain no larger than the seed's own spread: no direction
@@ -296,6 +296,51 @@ def test_perturb_repeats_a_step_once_exactly_when_it_made_its_parent_better(setu
         engine.recorder.guard.sigma = lambda: gain / 2
         assert breeder._winning_move(winner) == json.loads(winner.details)["changes"]
         assert breeder._winning_move(winner) == {}
+
+
+def test_perturb_takes_the_opposite_of_a_step_that_made_a_child_worse_once(setup_run):
+    """A child that its step made worse than its parent (QUALITY moved away from 1.0) is reflected:
+    a later perturb child of the same parent takes the opposite step from the same value, once per
+    loser; a child that gained, or one that itself repeated or reflected a step, is never reflected."""
+    from mutators.constants import PerturbConstants
+
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), max_evaluations=30,
+                                  ops={"perturb": PerturbConstants(max_changes=1)}, population={"islands": 1})
+    engine.run()
+    individuals, _ = RunStore(run_dir).load()
+    by_id = {i.id: i for i in individuals}
+    details = {i.id: json.loads(i.details or "{}") for i in individuals}
+    reflected = [i for i in individuals if "reflects" in details[i.id]]
+    assert reflected, "QUALITY moves away from 1.0 lose, so losers occur and get reflected"
+    losers = [details[r.id]["reflects"] for r in reflected]
+    assert len(losers) == len(set(losers)), "a losing step was reflected twice"
+    for child in reflected:
+        loser = by_id[details[child.id]["reflects"]]
+        assert loser.parents[0] == child.parents[0] and loser.birth < child.birth
+        assert loser.val_bpb > by_id[child.parents[0]].val_bpb  # it lost (no guard: no noise floor)
+        assert "follows" not in details[loser.id] and "reflects" not in details[loser.id]
+        (name, (old, new)), = details[loser.id]["changes"].items()
+        assert details[child.id]["changes"][name][0] == old  # from where the losing step began
+        old, new, reflection = float(old), float(new), float(details[child.id]["changes"][name][1])
+        assert reflection == pytest.approx(old * old / new, rel=1e-3)  # the same factor, the other way
+        assert (reflection - old) * (new - old) < 0
+    assert engine.population.best().val_bpb == pytest.approx(2.0, abs=0.05)  # QUALITY found its way to ~1.0
+
+    # Each loser is offered once, and a new process (resume) reads the used ones back from the details.
+    breeder, seed = engine.breeder, by_id[individuals[0].id]
+    with engine.recorder.lock:
+        breeder._used_steps = {}
+        assert breeder._losing_move(seed)[0] not in losers
+        loser = by_id[losers[0]]
+        breeder._used_steps["reflects"].discard(loser.id)  # as if not handed out yet
+        parent = by_id[loser.parents[0]]
+        loss = loser.val_bpb - parent.val_bpb
+        engine.recorder.guard.sigma = lambda: 10.0  # every loss inside the noise: nothing to reflect
+        assert breeder._losing_move(parent) == ("", {})
+        engine.recorder.guard.sigma = lambda: 0.0
+        worst, changes = breeder._losing_move(parent)
+        assert by_id[worst].val_bpb - parent.val_bpb >= loss and changes == details[worst]["changes"]
+        assert breeder._losing_move(parent)[0] != worst
 
 
 def test_every_first_draw_uses_the_evaluation_seed_and_guard_runs_pair_by_seed(setup_run):
