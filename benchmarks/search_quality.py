@@ -77,8 +77,8 @@ class Evaluations:
 
 def _offline_operators(folder: Path, seed: int):
     """The operators evo's default config uses, built the same way. Greedy and random never pass a
-    parent's winning step or a child's losing one, so perturb's pattern move and opposite probe
-    are evo's alone: they are the population's memory."""
+    parent's winning step, a child's losing one or the run's move counts, so perturb's pattern
+    move, opposite probe and least-moved-first draw are evo's alone: they are the run's memory."""
     m = DEFAULT.mutators
     return {"perturb": PerturbConstants(m.perturb.max_changes),
             "optuna": OptunaProposals(folder / "optuna.journal", m.optuna.sampler, seed=seed, max_changes=m.optuna.max_changes),

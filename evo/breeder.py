@@ -17,11 +17,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
+from libcst import ParserSyntaxError
+
 from evo.population import PENDING, normalized_hash
 from evo.progress import clock
 from evo.recorder import FAILED, IMPROVED, OK, RECENT_OUTCOMES, Recorder
 from evo.stats import moving_average
 from mutators.base import Context, Failure, Idea, Parent, Refusal, Relative
+from mutators.constants import CommentError, find_constants
 
 # Operator weights follow each operator's recent yield, a bandit with a floor:
 #   effective = configured x (YIELD_FLOOR + rate),  rate = (sum of rewards + YIELD_PRIOR) / (n + YIELD_PRIOR)
@@ -45,6 +48,10 @@ def effective_weights(configured: dict[str, float], recent: dict[str, list[int]]
         weights[name] = weight * (YIELD_FLOOR + rate)
     return weights
 
+
+# A losing step is reflected only when it lost by more than this many noise floors: a loss inside
+# the noise says nothing about which way the constant should go.
+LOSS_NOISE = 2.0
 
 BREED_ATTEMPTS = 20  # proposals one breeding task may try for a new, valid, unseen child
 OUTAGE_FIRST_RETRY = 15.0  # seconds before an unreachable LLM is asked again; doubles each time
@@ -213,13 +220,26 @@ class Breeder:
 
     def _parent(self, individual, steps: bool) -> Parent:
         """What the operator sees of a parent; with `steps`, its winning step, or else a losing step
-        of one of its children (each handed out once: see _winning_move, _losing_move). Caller holds the lock."""
+        that applies to it (each handed out once: see _winning_move, _losing_move), and how often
+        the run has moved each constant. Caller holds the lock."""
         parent = Parent(individual.id, self.recorder.code_of(individual.id), individual.val_bpb)
         if steps:
             parent.winning_move = self._winning_move(individual)
             if not parent.winning_move:
-                parent.loser, parent.losing_move = self._losing_move(individual)
+                parent.loser, parent.losing_move = self._losing_move(parent.code)
+            parent.moved = self._moved()
         return parent
+
+    def _moved(self) -> dict[str, int]:
+        """How many of the run's children moved each constant (the changes perturb and Optuna record),
+        counted whether or not they were evaluated: a step tried is a step tried. Caller holds the lock."""
+        counts: dict[str, int] = {}
+        for child in self.population.individuals.values():
+            changes = json.loads(child.details or "{}").get("changes")
+            if isinstance(changes, dict):
+                for name in changes:
+                    counts[name] = counts.get(name, 0) + 1
+        return counts
 
     def _noise(self) -> float:
         return self.recorder.guard.sigma() or 0.0  # a difference inside the seed's own spread is no direction
@@ -235,28 +255,35 @@ class Breeder:
                     self._used_steps[key].add(used)
         return self._used_steps[key]
 
-    def _losing_move(self, individual) -> tuple[str, dict]:
-        """(child id, its constant changes) for the child of `individual` that its step made worse by
-        the most, when by more than the noise floor sigma (selection scores); ("", {}) when none. Each
-        is offered once. Children that repeated or reflected a step are left out: their opposite is
-        code the run already has. Caller holds the lock."""
+    def _losing_move(self, code: str) -> tuple[str, dict]:
+        """(id, constant changes) of the run's child that its step made worse than its own parent by
+        the most, when by more than LOSS_NOISE x the noise floor sigma (selection scores), among those
+        whose step starts from a value this parent `code` holds for at least one of the constants it
+        moved (DEPTH 4 -> 8 lost anywhere: any parent at DEPTH 4 may try 4 -> 2); ("", {}) when none.
+        Each loser is offered once. Children that repeated or reflected a step are left out: their
+        opposite is code the run already has. Caller holds the lock."""
         reflected = self._handed_out("reflects")
-        mine = self.population.score(individual)
-        if mine is None:
+        try:
+            holds = {c.name: c.source for c in find_constants(code)}
+        except (ParserSyntaxError, CommentError):  # perturb will refuse this parent and say why
             return "", {}
-        worst, loss = None, self._noise()
+        worst, loss = ("", {}), LOSS_NOISE * self._noise()
         for child in self.population.individuals.values():
-            if not child.parents or child.parents[0] != individual.id or not child.evaluated_ok or child.id in reflected:
+            if not child.parents or not child.evaluated_ok or child.id in reflected:
                 continue
             details = json.loads(child.details or "{}")
-            theirs = self.population.score(child)
-            if "follows" in details or "reflects" in details or not details.get("changes") or theirs is None:
+            changes = details.get("changes")
+            if "follows" in details or "reflects" in details or not isinstance(changes, dict):
                 continue
-            if theirs - mine > loss:
-                worst, loss = (child.id, details["changes"]), theirs - mine
-        if worst is None:
-            return "", {}
-        reflected.add(worst[0])
+            parent = self.population.individuals.get(child.parents[0])
+            theirs = self.population.score(child)
+            base = self.population.score(parent) if parent is not None else None
+            if theirs is None or base is None or theirs - base <= loss:
+                continue
+            if any(holds.get(name) == step[0] for name, step in changes.items()):
+                worst, loss = (child.id, changes), theirs - base
+        if worst[0]:
+            reflected.add(worst[0])
         return worst
 
     def _winning_move(self, individual) -> dict:

@@ -86,8 +86,9 @@ class PerturbSettings(Section):
     max_changes: int = Field(2, ge=1, description="constants moved per child, at most")
     follow: float = Field(1.0, ge=0, le=1, description="chance that a winner's first perturb child takes the "
                           "winning step again (the pattern move); 0 turns it off")
-    reflect: float = Field(1.0, ge=0, le=1, description="chance that a parent's next perturb child takes the opposite "
-                           "of a step that made one of its children worse by more than the noise floor; 0 turns it off")
+    reflect: float = Field(1.0, ge=0, le=1, description="chance that a perturb child takes the opposite of a step that "
+                           "made a child worse than its parent by more than twice the noise floor, from the same "
+                           "starting value; 0 turns it off")
 
 
 class CrossoverSettings(Section):

@@ -43,10 +43,14 @@ class Parent:
     # The constant changes (name -> [old source, new source]) that made this parent from its own
     # parent, when it scored better than that parent; empty otherwise. Perturb may repeat them.
     winning_move: dict = field(default_factory=dict)
-    # The constant changes that made one of this parent's children worse than it (by more than the
-    # noise floor), and that child's id; empty otherwise. Perturb may take the opposite step.
+    # The constant changes that made one of the run's children clearly worse than its own parent,
+    # starting from a value this parent holds, and that child's id; empty otherwise. Perturb may
+    # take the opposite step from here.
     losing_move: dict = field(default_factory=dict)
     loser: str = ""
+    # How many of the run's children so far moved each constant (by name), whatever their parent
+    # or operator; empty when the caller keeps no such memory. Perturb moves the least moved first.
+    moved: dict = field(default_factory=dict)
 
 
 class Operator(Protocol):

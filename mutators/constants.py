@@ -271,9 +271,10 @@ def replace_constants(code: str, new_values: dict[str, str]) -> str:
 # The breeder offers each winning step once (evo/breeder.py, _winning_move).
 FOLLOW_P = 1.0
 # The opposite probe (Hooke and Jeeves' exploratory move): when a step made a child clearly worse
-# than its parent, the parent's next perturb child takes the opposite step, with this probability
-# (DEPTH 4 -> 8 lost, so try 4 -> 2). A large loss marks a constant the score is sensitive to; the
-# other side of it is where a gain is likeliest. The breeder offers each losing step once.
+# than its parent, a later perturb child of a parent holding the same starting value takes the
+# opposite step, with this probability (DEPTH 4 -> 8 lost, so try 4 -> 2). A large loss marks a
+# constant the score is sensitive to; its other side is where a gain is likeliest. The breeder
+# offers each losing step once, the worst first (evo/breeder.py, _losing_move).
 REFLECT_P = 1.0
 FRACTION_EDGE = 1e-4  # a repeated fraction step stays this far inside (0, 1): a beta of 1.0 breaks Adam
 
@@ -307,10 +308,24 @@ def step_again(constant: Constant, old_source: str, new_source: str):
     return moved if render(moved) != render(value) else None
 
 
+def least_moved_first(constants: list[Constant], k: int, moved: dict, rng: random.Random) -> list[Constant]:
+    """k constants drawn without replacement, each with weight 1 / (1 + times moved)^2: the run
+    tries the constants it has moved least before moving one again, so a big lever (DEPTH, say) is
+    not left untouched by luck while small ones are moved twice. With no memory: uniform (the same
+    draw as ever, so a memoryless caller's streams do not change)."""
+    if not moved:
+        return rng.sample(constants, k=min(len(constants), k))
+    pool, chosen = list(constants), []
+    for _ in range(min(k, len(pool))):
+        weights = [1 / (1 + moved.get(c.name, 0)) ** 2 for c in pool]
+        chosen.append(pool.pop(rng.choices(range(len(pool)), weights)[0]))
+    return chosen
+
+
 class PerturbConstants:
     """Moves one or a few hyperparameters by one step each, within their domains; or, from a
-    parent whose own step paid off, takes that step once more (FOLLOW_P); or, from a parent one of
-    whose children a step made worse, takes the opposite step (REFLECT_P)."""
+    parent whose own step paid off, takes that step once more (FOLLOW_P); or takes the opposite of
+    a step that made some child worse, from the same starting value (REFLECT_P)."""
 
     name = "perturb"
     parents_needed = 1
@@ -339,7 +354,7 @@ class PerturbConstants:
             changes = self._opposite(constants, parent.losing_move)
             reflects = ", ".join(f"{name} {parent.losing_move[name][0]} -> {parent.losing_move[name][1]}" for name in changes)
         if not changes:  # nothing to repeat or reflect: a fresh random step
-            chosen = rng.sample(constants, k=min(len(constants), rng.randint(1, self.max_changes)))
+            chosen = least_moved_first(constants, rng.randint(1, self.max_changes), parent.moved, rng)
             for c in chosen:
                 new = move(c, rng)
                 if new != c.value:

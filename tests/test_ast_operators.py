@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from mutators.base import Parent, Proposal, Refusal
-from mutators.constants import CommentError, PerturbConstants, find_constants, move, replace_constants, step_again
+from mutators.constants import (CommentError, PerturbConstants, find_constants, least_moved_first, move, replace_constants,
+                               step_again)
 from mutators.crossover import Crossover
 from mutators.optuna_op import OptunaProposals
 
@@ -148,6 +149,27 @@ def test_perturb_takes_the_opposite_of_a_childs_losing_step():
     for losing in ({"ACT": ["'relu2'", "'gelu'"]}, {"DEPTH": ["6", "12"]}):
         stuck = PerturbConstants().propose([Parent("p", SAMPLE, 2.0, losing_move=losing, loser="c")], random.Random(0))
         assert isinstance(stuck, Proposal) and "reflects" not in stuck.details
+
+
+def test_perturb_moves_the_constants_the_run_has_moved_least_first():
+    constants = find_constants(SAMPLE)
+    names = [c.name for c in constants]
+    # Without memory the draw is the uniform one perturb always made: the same stream, seed for seed.
+    for seed in range(20):
+        drawn = least_moved_first(constants, 2, {}, random.Random(seed))
+        assert drawn == random.Random(seed).sample(constants, k=2)
+    # Every constant moved 3 times but DEPTH: DEPTH comes first far more often than 1 in len(names).
+    moved = {name: 3 for name in names if name != "DEPTH"}
+    firsts = [least_moved_first(constants, 1, moved, random.Random(seed))[0].name for seed in range(200)]
+    share = firsts.count("DEPTH") / len(firsts)
+    expected = 1 / (1 + (len(names) - 1) / 16)  # weight 1 against 1/16 for each of the others
+    assert abs(share - expected) < 0.1 and share > 3 / len(names), (share, expected)
+    drawn = least_moved_first(constants, len(names) + 3, moved, random.Random(0))
+    assert sorted(c.name for c in drawn) == sorted(names)  # without replacement, never more than there are
+    # Perturb draws its fresh steps this way from the memory its parent carries.
+    children = [PerturbConstants(max_changes=1).propose([Parent("p", SAMPLE, 2.0, moved=moved)], random.Random(seed))
+                for seed in range(100)]
+    assert sum("DEPTH" in c.details["changes"] for c in children) > 3 * 100 / len(names)
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda p: p.name)
