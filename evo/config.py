@@ -87,7 +87,7 @@ class PerturbSettings(Section):
     follow: float = Field(1.0, ge=0, le=1, description="chance that a winner's first perturb child takes the "
                           "winning step again (the pattern move); 0 turns it off")
     reflect: float = Field(1.0, ge=0, le=1, description="chance that a perturb child takes the opposite of a step that "
-                           "made a child worse than its parent by more than twice the noise floor, from the same "
+                           "made a child worse than its parent by more than the noise floor, from the same "
                            "starting value; 0 turns it off")
 
 

@@ -339,7 +339,7 @@ def test_perturb_takes_the_opposite_of_a_step_that_made_a_child_worse_once(setup
         assert breeder._losing_move(code)[0] not in losers
         breeder._used_steps["reflects"].discard(loser.id)  # as if not handed out yet
         loss = loser.val_bpb - parent.val_bpb
-        engine.recorder.guard.sigma = lambda: loss / LOSS_NOISE  # a loss no larger than twice the noise
+        engine.recorder.guard.sigma = lambda: loss / LOSS_NOISE  # a loss no larger than LOSS_NOISE sigma
         assert breeder._losing_move(code)[0] != loser.id
         breeder._used_steps["reflects"] = set(losers) - {loser.id}  # whatever that handed out is back
         engine.recorder.guard.sigma = lambda: 0.0
