@@ -24,7 +24,7 @@ from evo.progress import clock
 from evo.recorder import FAILED, IMPROVED, OK, RECENT_OUTCOMES, Recorder
 from evo.stats import moving_average
 from mutators.base import Context, Failure, Idea, Parent, Refusal, Relative
-from mutators.constants import CommentError, find_constants
+from mutators.constants import CommentError, find_constants, opposite_steps
 
 # Operator weights follow each operator's recent yield, a bandit with a floor:
 #   effective = configured x (YIELD_FLOOR + rate),  rate = (sum of rewards + YIELD_PRIOR) / (n + YIELD_PRIOR)
@@ -84,6 +84,7 @@ class Breeder:
         self.outages: dict[str, Outage] = {}
         self._next_island = 0
         self._used_steps: dict[str, set[str]] = {}  # ids whose winning or losing step has been handed out (_handed_out)
+        self._parsed_details: dict[str, dict] = {}  # individual id -> its details (_details)
         for operator in operators.values():
             if hasattr(operator, "set_cancel"):  # LLM operators abandon requests in flight on cancel
                 operator.set_cancel(cancel)
@@ -173,8 +174,7 @@ class Breeder:
                 if len(chosen) < operator.parents_needed:  # no second code to cross with yet
                     self.recorder.refused(operator.name, "no evaluated variant with different code to cross with yet")
                     continue
-                follows = getattr(operator, "follows_winning_steps", False)
-                parents = [self._parent(p, follows) for p in chosen]
+                parents = [self._parent(p, operator) for p in chosen]
                 context = self.context_for(parents[0].id, island) if getattr(operator, "wants_context", False) else None
                 op_rng = random.Random(self.recorder.rng.getrandbits(64))  # operators never share the engine's RNG
             proposal = self._propose(operator, parents, op_rng, context)
@@ -219,24 +219,32 @@ class Breeder:
             chosen.append(mate)
         return chosen
 
-    def _parent(self, individual, steps: bool) -> Parent:
-        """What the operator sees of a parent; with `steps`, its winning step, or else a losing step
-        that applies to it (each handed out once: see _winning_move, _losing_move), and how often
-        the run has moved each constant. Caller holds the lock."""
+    def _parent(self, individual, operator) -> Parent:
+        """What the operator sees of a parent. An operator that reads the run's memory
+        (`follows_winning_steps`: perturb) also gets the parent's winning step, or else a losing step
+        it can reflect (each handed out once: see _winning_move, _losing_move), and how often the
+        run has moved each constant. Caller holds the lock."""
         parent = Parent(individual.id, self.recorder.code_of(individual.id), individual.val_bpb)
-        if steps:
+        if getattr(operator, "follows_winning_steps", False):
             parent.winning_move = self._winning_move(individual)
-            if not parent.winning_move:
+            if not parent.winning_move and getattr(operator, "reflect", 0) > 0:
                 parent.loser, parent.losing_move = self._losing_move(parent.code)
             parent.moved = self._moved()
         return parent
+
+    def _details(self, individual) -> dict:
+        """An individual's details, parsed once: they are written at birth and never change."""
+        details = self._parsed_details.get(individual.id)
+        if details is None:
+            details = self._parsed_details[individual.id] = json.loads(individual.details or "{}")
+        return details
 
     def _moved(self) -> dict[str, int]:
         """How many of the run's children moved each constant (the changes perturb and Optuna record),
         counted whether or not they were evaluated: a step tried is a step tried. Caller holds the lock."""
         counts: dict[str, int] = {}
         for child in self.population.individuals.values():
-            changes = json.loads(child.details or "{}").get("changes")
+            changes = self._details(child).get("changes")
             if isinstance(changes, dict):
                 for name in changes:
                     counts[name] = counts.get(name, 0) + 1
@@ -251,7 +259,7 @@ class Breeder:
         if key not in self._used_steps:
             self._used_steps[key] = set()
             for child in self.population.individuals.values():
-                used = json.loads(child.details or "{}").get(key)
+                used = self._details(child).get(key)
                 if used:
                     self._used_steps[key].add(used)
         return self._used_steps[key]
@@ -259,20 +267,21 @@ class Breeder:
     def _losing_move(self, code: str) -> tuple[str, dict]:
         """(id, constant changes) of the run's child that its step made worse than its own parent by
         the most, when by more than LOSS_NOISE x the noise floor sigma (selection scores), among those
-        whose step starts from a value this parent `code` holds for at least one of the constants it
-        moved (DEPTH 4 -> 8 lost anywhere: any parent at DEPTH 4 may try 4 -> 2); ("", {}) when none.
-        Each loser is offered once. Children that repeated or reflected a step are left out: their
-        opposite is code the run already has. Caller holds the lock."""
+        whose step this parent `code` can take the other way (it holds the starting value of a
+        constant the step moved, and that constant has another way: DEPTH 4 -> 8 lost anywhere, so
+        any parent at DEPTH 4 may try 4 -> 2); ("", {}) when none. Each loser is offered once.
+        Children that repeated or reflected a step are left out: their opposite is code the run
+        already has. Caller holds the lock."""
         reflected = self._handed_out("reflects")
         try:
-            holds = {c.name: c.source for c in find_constants(code)}
+            constants = find_constants(code)
         except (ParserSyntaxError, CommentError):  # perturb will refuse this parent and say why
             return "", {}
         worst, loss = ("", {}), LOSS_NOISE * self._noise()
         for child in self.population.individuals.values():
             if not child.parents or not child.evaluated_ok or child.id in reflected:
                 continue
-            details = json.loads(child.details or "{}")
+            details = self._details(child)
             changes = details.get("changes")
             if "follows" in details or "reflects" in details or not isinstance(changes, dict):
                 continue
@@ -281,7 +290,7 @@ class Breeder:
             base = self.population.score(parent) if parent is not None else None
             if theirs is None or base is None or theirs - base <= loss:
                 continue
-            if any(holds.get(name) == step[0] for name, step in changes.items()):
+            if opposite_steps(constants, changes):
                 worst, loss = (child.id, changes), theirs - base
         if worst[0]:
             reflected.add(worst[0])
@@ -303,7 +312,7 @@ class Breeder:
         mine, theirs = self.population.score(individual), self.population.score(parent)
         if mine is None or theirs is None or theirs - mine <= self._noise():
             return {}
-        changes = json.loads(individual.details or "{}").get("changes")
+        changes = self._details(individual).get("changes")
         if not isinstance(changes, dict) or not changes:
             return {}
         followed.add(individual.id)

@@ -308,11 +308,29 @@ def step_again(constant: Constant, old_source: str, new_source: str):
     return moved if render(moved) != render(value) else None
 
 
+def opposite_steps(constants: list[Constant], losing_move: dict) -> dict:
+    """{name: (source, new source)}: the losing step old -> new taken the other way from old, for
+    each constant that holds the value old (compared as values: Optuna records `0.0003` for
+    `3e-4`). A choice, a flag, a tuple, a fraction leaving zero or a constant at its domain's edge
+    has no other way and is left out; {} when nothing can be reflected."""
+    by_name = {c.name: c for c in constants}
+    changes = {}
+    for name, (old, new) in losing_move.items():
+        constant = by_name.get(name)
+        if constant is None or _evaluate(old) != constant.value:
+            continue
+        moved = step_again(constant, new, old)
+        if moved is not None:
+            changes[name] = (constant.source, render(moved))
+    return changes
+
+
 def least_moved_first(constants: list[Constant], k: int, moved: dict, rng: random.Random) -> list[Constant]:
-    """k constants drawn without replacement, each with weight 1 / (1 + times moved)^2: the run
-    tries the constants it has moved least before moving one again, so a big lever (DEPTH, say) is
-    not left untouched by luck while small ones are moved twice. With no memory: uniform (the same
-    draw as ever, so a memoryless caller's streams do not change)."""
+    """k constants drawn without replacement, each with weight 1 / (1 + times moved)^2: a bias
+    toward the constants the run has moved least (one never moved is 4 times as likely as one
+    moved once), so a big lever (DEPTH, say) is less often left untouched by luck while small ones
+    move twice. With no memory: uniform (the same draw as ever, so a memoryless caller's streams
+    do not change)."""
     if not moved:
         return rng.sample(constants, k=min(len(constants), k))
     pool, chosen = list(constants), []
@@ -351,7 +369,7 @@ class PerturbConstants:
         follows = ", ".join(f"{name} {parent.winning_move[name][0]} -> {parent.winning_move[name][1]}" for name in changes)
         reflects = ""
         if not changes and parent.losing_move and rng.random() < self.reflect:
-            changes = self._opposite(constants, parent.losing_move)
+            changes = opposite_steps(constants, parent.losing_move)
             reflects = ", ".join(f"{name} {parent.losing_move[name][0]} -> {parent.losing_move[name][1]}" for name in changes)
         if not changes:  # nothing to repeat or reflect: a fresh random step
             chosen = least_moved_first(constants, rng.randint(1, self.max_changes), parent.moved, rng)
@@ -371,21 +389,6 @@ class PerturbConstants:
             hypothesis += f" (the opposite of {parent.loser}'s losing step: {reflects})"
             details["reflects"] = parent.loser
         return checked(Proposal(code, self.name, details, hypothesis), parent.code)
-
-    @staticmethod
-    def _opposite(constants: list[Constant], losing_move: dict) -> dict:
-        """The losing step old -> new taken the other way from old, for each constant still at old
-        (a choice or flag has no other way: skipped)."""
-        by_name = {c.name: c for c in constants}
-        changes = {}
-        for name, (old, new) in losing_move.items():
-            constant = by_name.get(name)
-            if constant is None or constant.source != old:
-                continue
-            moved = step_again(constant, new, old)
-            if moved is not None:
-                changes[name] = (constant.source, render(moved))
-        return changes
 
     @staticmethod
     def _again(constants: list[Constant], winning_move: dict) -> dict:

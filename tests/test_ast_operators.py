@@ -144,9 +144,12 @@ def test_perturb_takes_the_opposite_of_a_childs_losing_step():
     assert "follows" in follower.details and "reflects" not in follower.details
     fresh = PerturbConstants(reflect=0.0).propose([parent], random.Random(0))
     assert isinstance(fresh, Proposal) and "reflects" not in fresh.details
+    # Starting values are compared as values: Optuna records 3e-4 as 0.0003.
+    rendered = Parent("p", SAMPLE, 2.0, losing_move={"LR": ["0.0003", "0.00045"]}, loser="o")
+    assert PerturbConstants().propose([rendered], random.Random(0)).details["changes"] == {"LR": ("3e-4", "0.0002")}
     # A choice has no other way, and a constant the parent no longer holds at the step's start is
     # left alone: with nothing to reflect, a fresh random step.
-    for losing in ({"ACT": ["'relu2'", "'gelu'"]}, {"DEPTH": ["6", "12"]}):
+    for losing in ({"ACT": ['"relu2"', "'gelu'"]}, {"DEPTH": ["6", "12"]}):
         stuck = PerturbConstants().propose([Parent("p", SAMPLE, 2.0, losing_move=losing, loser="c")], random.Random(0))
         assert isinstance(stuck, Proposal) and "reflects" not in stuck.details
 
