@@ -8,6 +8,7 @@ import base64
 import io
 import re
 import threading
+from html import escape
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def test_report_shows_the_guard_numbers_and_the_champions_lineage_with_diffs(fin
     assert chain[0] == "v00001" and chain[-1] == champion.id
     positions = [lineage.index(f"<h3>{i} ") for i in chain]
     assert positions == sorted(positions)  # from the seed down to the champion
-    assert champion.hypothesis and champion.hypothesis.replace(">", "&gt;") in lineage
+    assert champion.hypothesis and escape(champion.hypothesis) in lineage  # as the page escapes it
     # Each step's diff against its parent, lines coloured: every child changed something, and the
     # line's gain (scores follow QUALITY alone) must show a QUALITY change somewhere.
     assert lineage.count("<span class='add'>+") >= len(chain) - 1
