@@ -266,10 +266,11 @@ class Breeder:
 
     def _losing_move(self, code: str) -> tuple[str, dict]:
         """(id, constant changes) of the run's child that its step made worse than its own parent by
-        the most, when by more than LOSS_NOISE x the noise floor sigma (selection scores), among those
-        whose step this parent `code` can take the other way (it holds the starting value of a
-        constant the step moved, and that constant has another way: DEPTH 4 -> 8 lost anywhere, so
-        any parent at DEPTH 4 may try 4 -> 2); ("", {}) when none. Each loser is offered once.
+        the most (those that moved one constant first: the loss is theirs alone), when by more than
+        LOSS_NOISE x the noise floor sigma (selection scores), among those whose step this parent
+        `code` can take the other way (it holds the starting value of a constant the step moved, and
+        that constant has another way: DEPTH 4 -> 8 lost anywhere, so any parent at DEPTH 4 may try
+        4 -> 2); ("", {}) when none. Each loser is offered once.
         Children that repeated or reflected a step are left out: their opposite is code the run
         already has. Caller holds the lock."""
         reflected = self._handed_out("reflects")
@@ -277,7 +278,7 @@ class Breeder:
             constants = find_constants(code)
         except (ParserSyntaxError, CommentError):  # perturb will refuse this parent and say why
             return "", {}
-        worst, loss = ("", {}), LOSS_NOISE * self._noise()
+        worst, rank, bar = ("", {}), (False, 0.0), LOSS_NOISE * self._noise()
         for child in self.population.individuals.values():
             if not child.parents or not child.evaluated_ok or child.id in reflected:
                 continue
@@ -288,10 +289,13 @@ class Breeder:
             parent = self.population.individuals.get(child.parents[0])
             theirs = self.population.score(child)
             base = self.population.score(parent) if parent is not None else None
-            if theirs is None or base is None or theirs - base <= loss:
+            if theirs is None or base is None or theirs - base <= bar:
                 continue
-            if opposite_steps(constants, changes):
-                worst, loss = (child.id, changes), theirs - base
+            # A one-constant loss says which constant hurt; a two-constant one may reverse the
+            # step that helped along with the one that hurt, so clean losers come first.
+            candidate = (len(changes) == 1, theirs - base)
+            if candidate > rank and opposite_steps(constants, changes):
+                worst, rank = (child.id, changes), candidate
         if worst[0]:
             reflected.add(worst[0])
         return worst

@@ -356,6 +356,38 @@ def test_perturb_takes_the_opposite_of_a_step_that_made_a_child_worse_once(setup
         assert breeder._losing_move("QUALITY = 0.123456\n")[0] == ""  # holds no loser's starting value
 
 
+def test_losers_that_moved_one_constant_are_reflected_before_those_that_moved_two(setup_run):
+    """A two-constant loss does not say which constant hurt (SLEEP and NOISE move nothing in the
+    score here), so the breeder offers every one-constant loser first, each group worst first, and
+    every applicable loser exactly once."""
+    from mutators.constants import PerturbConstants, find_constants, opposite_steps
+
+    engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), max_evaluations=30,
+                                  ops={"perturb": PerturbConstants(max_changes=2, reflect=0)}, population={"islands": 1})
+    engine.run()
+    individuals, _ = RunStore(run_dir).load()
+    by_id = {i.id: i for i in individuals}
+    details = {i.id: json.loads(i.details or "{}") for i in individuals}
+    losers = [i for i in individuals[1:] if i.status == "ok" and "follows" not in details[i.id]
+              and i.val_bpb > by_id[i.parents[0]].val_bpb]
+
+    def applicable(code):
+        constants = find_constants(code)
+        return [i for i in losers if opposite_steps(constants, details[i.id]["changes"])]
+
+    # The parent code that can reflect the most losers, of both kinds.
+    codes = [engine.recorder.code_of(i.id) for i in individuals if i.status == "ok"]
+    code = max(codes, key=lambda c: (len({len(details[i.id]["changes"]) for i in applicable(c)}), len(applicable(c))))
+    mine = applicable(code)
+    assert {len(details[i.id]["changes"]) for i in mine} == {1, 2}, "the run should hold losers of both kinds"
+    expected = sorted(mine, key=lambda i: (len(details[i.id]["changes"]) != 1, by_id[i.parents[0]].val_bpb - i.val_bpb))
+    breeder = engine.breeder
+    with engine.recorder.lock:
+        engine.recorder.guard.sigma = lambda: 0.0
+        offered = [breeder._losing_move(code)[0] for _ in range(len(mine) + 1)]
+    assert offered == [i.id for i in expected] + [""]
+
+
 def test_perturb_is_handed_how_often_the_run_has_moved_each_constant(setup_run):
     """The breeder counts every recorded constant step of the run (any parent, any operator) and
     hands the counts to perturb, so its fresh steps go to the constants moved least."""
