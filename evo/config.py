@@ -139,6 +139,8 @@ class MutatorsSection(Section):
 class GuardSection(Section):
     enabled: bool = Field(True, description="false: the champion is simply the best first draw (not recommended)")
     noise_runs: int = Field(3, ge=2, description="k: re-runs of the seed on the guard's seeds that measure the noise floor")
+    anchor: bool = Field(True, description="run the seed variant once more on the evaluation seed: every first "
+                         "draw is set against the mean of its two draws there, steadier than one")
     reruns: int = Field(3, ge=2, description="n: re-runs of a candidate on the guard's seeds (the champion's), held-out scored")
     z: float = Field(1.0, ge=0, description="a candidate's first draw must beat the champion's standing on the "
                      "evaluation seed by more than z * sigma ...")

@@ -9,6 +9,12 @@ GUARD_SEEDS + i: a candidate meets the champion on the very seeds the champion r
 difference on each seed is free of the part of the noise they share.
 
 - Noise floor: the seed is re-run k times on the guard's seeds; their spread is sigma.
+- The scale's anchor: every first draw is set against the seed variant's standing on the
+  evaluation seed. One draw of it is not steady: on the CPU seed the same code on the same seed
+  moves about 0.013 val_bpb between draws (how many steps fit the budget), and a lucky anchor
+  makes every child look worse than the seed. So the seed variant runs once more on the
+  evaluation seed (`anchor`), and its standing is the mean of the two draws. It was not selected,
+  so re-running it on that seed repeats no lucky draw.
 - Candidates: a variant whose first val_bpb beats the champion's on the evaluation seed (its first
   draw, or where re-runs placed it) by more than max(min_delta, z * sigma) is re-run n times on
   the guard's seeds, held-out split scored.
@@ -39,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 
 from evo.stats import mean_std, paired_less, welch_less
 
-NOISE, RERUN, TRANSFER, AUDIT = "noise", "rerun", "transfer", "audit"
+NOISE, RERUN, TRANSFER, AUDIT, ANCHOR = "noise", "rerun", "transfer", "audit", "anchor"
 AUDIT_SEEDS = 2000  # promotion p's fresh-seed checks use AUDIT_SEEDS + audit_runs * (p - 1) + j, nothing else does
 GUARD_SEEDS = 1000  # guard run i of every variant uses seed GUARD_SEEDS + i, skipping the evaluation seed
 
@@ -48,7 +54,7 @@ GUARD_SEEDS = 1000  # guard run i of every variant uses seed GUARD_SEEDS + i, sk
 class GuardRun:
     individual: str
     seed: int
-    kind: str  # noise (the seed's floor), rerun (a candidate), transfer (larger budget)
+    kind: str  # noise (the seed's floor), anchor (the seed on the evaluation seed), rerun (a candidate), audit, transfer
     budget_multiplier: float = 1.0
     token: str = ""  # run token while it runs: resume kills leftovers by it
 
@@ -80,6 +86,7 @@ class Record:
     samples: list[Sample] = field(default_factory=list)
     transfer: list[Sample] = field(default_factory=list)
     audit: list[Sample] = field(default_factory=list)  # fresh-seed checks (see the module's docstring)
+    anchor: list[Sample] = field(default_factory=list)  # the seed variant's second draw on the evaluation seed
     expected: int = 0
     verdict: str = ""  # "", "champion", "promoted", "not significant", "held-out disagrees", ...
     p_value: float | None = None
@@ -103,8 +110,9 @@ class Guard:
     def __init__(self, settings, log=print, evaluation_seed: int = 0):
         self.s = settings
         self.log = log
-        # Every first draw's seed. No guard run uses it: a re-run on it would repeat the very draw
-        # that made the variant a candidate (same seed, same luck, bar timing).
+        # Every first draw's seed. No guard run uses it but the seed variant's anchor: a re-run
+        # of a candidate on it would repeat the very draw that made it a candidate (same seed, same
+        # luck, bar timing); the seed variant was not selected.
         self.evaluation_seed = evaluation_seed
         self.records: dict[str, Record] = {}
         self.queue: list[GuardRun] = []
@@ -129,6 +137,7 @@ class Guard:
             r["samples"] = [Sample(**s) for s in r["samples"]]
             r["transfer"] = [Sample(**s) for s in r["transfer"]]
             r["audit"] = [Sample(**s) for s in r.get("audit", [])]  # checkpoints from before the check: none
+            r["anchor"] = [Sample(**s) for s in r.get("anchor", [])]  # ... and from before the anchor
             self.records[key] = Record(**r)
         self.queue = [GuardRun(**j) for j in state["queue"]]
         self.running = []
@@ -186,11 +195,13 @@ class Guard:
         self.queue.extend(GuardRun(individual_id, seed, kind, multiplier) for seed in seeds)
 
     def start(self, seed_id: str, first_val: float | None) -> None:
-        """The seed is the first champion; its k noise runs measure sigma."""
+        """The seed is the first champion: its anchor run steadies the scale, its k noise runs measure sigma."""
         if not self.s.enabled or seed_id in self.records:
             return
         self.records[seed_id] = Record(seed_id, first_val, expected=self.s.noise_runs, verdict="champion")
         self.champions.append(seed_id)
+        if self.s.anchor and first_val is not None:
+            self.queue.append(GuardRun(seed_id, self.evaluation_seed, ANCHOR))
         self._seed_jobs(seed_id, NOISE, self.s.noise_runs)
 
     def consider(self, individual_id: str, val_bpb: float) -> bool:
@@ -199,8 +210,8 @@ class Guard:
         if not self.s.enabled or individual_id in self.records or self.champion is None:
             return False
         champion, sigma = self.champion.stats(), self.sigma()
-        if champion is None or sigma is None or len(self.champion.samples) < self.champion.expected:
-            self.deferred.append((individual_id, val_bpb))  # decided once the floor is measured
+        if champion is None or sigma is None or len(self.champion.samples) < self.champion.expected or self._anchoring():
+            self.deferred.append((individual_id, val_bpb))  # decided once the floor and the anchor are measured
             return False
         margin = max(self.s.min_delta, self.s.z * sigma)
         bar = self.on_evaluation_seed(self.champion.id)
@@ -238,9 +249,9 @@ class Guard:
                         metrics.get("heldout_bpb") if status == "ok" else None,
                         kind=job.kind, train_seconds=train_seconds, steps=steps, finished_at=time.time(),
                         reason=reason[:300])
-        if job.kind in (TRANSFER, AUDIT):
-            (record.transfer if job.kind == TRANSFER else record.audit).append(sample)
-            return []
+        if job.kind in (TRANSFER, AUDIT, ANCHOR):
+            getattr(record, job.kind).append(sample)
+            return self._ready() if job.kind == ANCHOR else []
         record.samples.append(sample)
         if len(record.samples) < record.expected:
             return []
@@ -250,10 +261,21 @@ class Guard:
                 self.log(f"guard: WARNING: the seed's {len(record.ok())} noise runs differ by only {measured:.6f} val_bpb "
                          f"(sigma {measured:.4f}); the guard assumes guard.min_sigma={self.s.min_sigma:g} instead. Identical "
                          "numbers usually mean the seed did not learn (see the untrained score) or ignores EVO_SEED.")
-            ready, self.deferred = self.deferred, []
-            return ready
+            return self._ready()
         self._decide(record)
         return []
+
+    def _anchoring(self) -> bool:
+        """The seed variant's anchor run is queued or in flight (a checkpoint from before the anchor has none)."""
+        return any(run.kind == ANCHOR for run in self.queue + self.running)
+
+    def _ready(self) -> list[tuple[str, float]]:
+        """The deferred candidates, handed back once the floor and the anchor are both measured."""
+        seed = self.records.get(self.champions[0]) if self.champions else None
+        if seed is None or len(seed.samples) < seed.expected or self._anchoring():
+            return []
+        ready, self.deferred = self.deferred, []
+        return ready
 
     def _decide(self, candidate: Record) -> None:
         champion = self.champion
@@ -309,30 +331,55 @@ class Guard:
         ok = record.ok() if record is not None else []
         return sum(s.val_bpb for s in ok) / len(ok) if len(ok) >= 2 else None
 
+    @staticmethod
+    def anchor_draws(record: Record) -> list[float]:
+        """The seed variant's ok draws on the evaluation seed besides its first."""
+        return [s.val_bpb for s in record.anchor if s.status == "ok" and s.val_bpb is not None]
+
+    def anchored(self, record: Record) -> float | None:
+        """The seed variant's standing on the evaluation seed: the mean of its first draw and its
+        anchor run (the first draw alone until the anchor is in, or where it failed)."""
+        if record.first_val is None:
+            return None
+        draws = [record.first_val] + self.anchor_draws(record)
+        return sum(draws) / len(draws)
+
     def on_evaluation_seed(self, individual_id: str) -> float | None:
         """Where a variant stands on the scale of the run's evaluation seed, the one every first draw
-        uses. The seed variant: its first draw. A variant with re-runs: the seed variant's first draw
-        plus the variant's mean difference from it, seed by seed on the guard seeds both ran ok
-        (from the two re-run means where fewer than two are shared). That evidence was not selected
-        for being low, as the first draw was. Otherwise its first draw; None if the guard never saw it."""
+        uses. The seed variant: its anchored standing (see `anchored`). A variant with re-runs: that
+        standing plus the variant's mean difference from the seed variant, seed by seed on the guard
+        seeds both ran ok (from the two re-run means where fewer than two are shared). That evidence
+        was not selected for being low, as the first draw was. Otherwise its first draw; None if the
+        guard never saw it."""
         record = self.records.get(individual_id)
         if record is None:
             return None
         base = self.records.get(self.champions[0]) if self.champions else None
-        if base is None or base is record or base.first_val is None:
+        if base is record:
+            return self.anchored(record)
+        if base is None or base.first_val is None:
             return record.first_val
         pairs = paired_differences(record, base)
         if len(pairs) >= 2:
-            return base.first_val + mean_std([val for val, _ in pairs])[0]
+            return self.anchored(base) + mean_std([val for val, _ in pairs])[0]
         mine, theirs = self.rerun_mean(record.id), self.rerun_mean(base.id)
-        return record.first_val if mine is None or theirs is None else base.first_val + mine - theirs
+        return record.first_val if mine is None or theirs is None else self.anchored(base) + mine - theirs
 
     def paired_estimate(self, individual_id: str) -> float | None:
-        """on_evaluation_seed for a variant the guard has re-run at least twice (not the seed
-        variant, whose first draw is the scale itself), else None."""
-        if not self.champions or individual_id == self.champions[0] or self.rerun_mean(individual_id) is None:
+        """on_evaluation_seed for a variant the guard has re-run at least twice, or for the seed
+        variant once its anchor run is in; else None (the first draw is all there is)."""
+        if not self.champions:
+            return None
+        if individual_id == self.champions[0]:
+            record = self.records[individual_id]
+            return self.anchored(record) if self.anchor_draws(record) else None
+        if self.rerun_mean(individual_id) is None:
             return None
         return self.on_evaluation_seed(individual_id)
+
+    def estimate_label(self, individual_id: str) -> str:
+        """What paired_estimate is for this variant, in words for a status line."""
+        return "mean of 2 draws" if self.champions and individual_id == self.champions[0] else "paired estimate"
 
     def rerun_failed(self, individual_id: str) -> bool:
         """Its re-runs were given a verdict and too few of them ran ok to have a mean."""

@@ -1,6 +1,6 @@
 """Jobs: every run of a variant, whatever it is for, and the one function that runs one.
 
-A child's first evaluation, the seed's noise-floor runs, a candidate's re-runs, the fresh-seed
+A child's first evaluation, the seed's noise-floor runs and its anchor run, a candidate's re-runs, the fresh-seed
 checks of a promotion and the transfer runs at a larger budget are all a Job; an executor runs it somewhere (a local worker slot, a Ray
 node, or nowhere at all in tests) and hands back a RunResult. The job names no device: the
 executor fills in the one it runs the job on.
@@ -18,12 +18,12 @@ from trainer.runner import RunResult, RunSettings, run_variant
 
 Result = RunResult  # what every executor's futures resolve to
 
-CHILD, NOISE, RERUN, TRANSFER, AUDIT = "child", "noise", "rerun", "transfer", "audit"
+CHILD, NOISE, RERUN, TRANSFER, AUDIT, ANCHOR = "child", "noise", "rerun", "transfer", "audit", "anchor"
 
 
 @dataclass
 class Job:
-    kind: str  # child (first evaluation), noise (the seed's floor), rerun (a candidate), audit, transfer
+    kind: str  # child (first evaluation), noise (the seed's floor), anchor, rerun (a candidate), audit, transfer
     individual: str  # the variant's id
     code: str
     settings: RunSettings  # budget, seed, data, evaluation; device, gpu and threads are the executor's

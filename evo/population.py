@@ -80,23 +80,26 @@ class Population:
         self.migrants: list[list[str]] = [[] for _ in range(islands)]
         self._paired_estimate = lambda individual_id: None  # fed by the guard (attach_guard)
         self._rerun_failed = lambda individual_id: False
+        self._estimate_label = lambda individual_id: "paired estimate"
 
     def attach_guard(self, guard) -> None:
         """Scores come from the guard's records from now on (paired estimates where they exist)."""
         self._paired_estimate, self._rerun_failed = guard.paired_estimate, guard.rerun_failed
+        self._estimate_label = guard.estimate_label
 
     # ---- the one number selection uses ----
     def score(self, individual: Individual) -> float | None:
         """One scale for every variant, the run's evaluation seed, which every first draw uses: the
         guard's paired estimate once it has re-runs, set against the seed variant's seed by seed (a
-        refused lucky draw drops to where its re-runs put it), else the first draw. A re-run mean
-        is not on this scale: it averages other seeds."""
+        refused lucky draw drops to where its re-runs put it); for the seed variant, the mean of its
+        two draws on that seed once its anchor run is in; else the first draw. A re-run mean is not
+        on this scale: it averages other seeds."""
         estimate = self._paired_estimate(individual.id)
         return estimate if estimate is not None else individual.val_bpb
 
     def score_label(self, individual: Individual) -> str:
         """Which number `score` is, in words for a status line."""
-        return "paired estimate" if self._paired_estimate(individual.id) is not None else "first draw"
+        return self._estimate_label(individual.id) if self._paired_estimate(individual.id) is not None else "first draw"
 
     def rank_key(self, individual: Individual) -> tuple:
         """Lower is better: variants whose guard re-runs failed last, then by score, then oldest."""

@@ -78,7 +78,9 @@ def champion_lines(population: Population, guard: Guard, store: RunStore | None 
     ] + lines
     standing = guard.on_evaluation_seed(champion.id)
     if standing is not None:  # the re-run mean averages the guard's seeds; first draws share another
-        lines.insert(2, f"  on the first draws' seed {standing:.4f}: compare first draws with this, not with the re-run mean")
+        how = " (the mean of its 2 draws there)" if guard.paired_estimate(champion.id) is not None and \
+            champion.id == guard.champions[0] else ""
+        lines.insert(2, f"  on the first draws' seed {standing:.4f}{how}: compare first draws with this, not with the re-run mean")
     measured = guard.measured_sigma()
     if measured is not None:
         floored = (f"; below guard.min_sigma, so the guard uses {guard.sigma():.4f}: identical noise runs cannot "

@@ -1,8 +1,8 @@
 """RUN_DIR/results.tsv: one line per finished evaluation, for people and other tools.
 
 Like autoresearch's results.tsv, but for a population: every child's first evaluation and every
-run the guard asked for (the seed's noise runs, a candidate's re-runs, transfer runs at a larger
-budget), oldest first. It is derived from the checkpoint (the population and the guard's
+run the guard asked for (the seed's noise runs and anchor run, a candidate's re-runs, transfer
+runs at a larger budget), oldest first. It is derived from the checkpoint (the population and the guard's
 records) and rewritten with it, so it is as current as `evo status` and right again after a
 resume. Nothing reads it back: the Parquet checkpoint stays the one source of truth.
 
@@ -81,7 +81,8 @@ def rows(population: Population, guard: Guard) -> list[dict]:
         individual = individuals.get(record_id)
         if individual is None:
             continue
-        for transfer, samples in ((False, record.samples), (True, record.transfer), (False, record.audit)):
+        for transfer, samples in ((False, record.samples), (True, record.transfer), (False, record.audit),
+                                  (False, record.anchor)):
             for sample in samples:
                 # An old sample without a time goes right after its variant's first evaluation.
                 when = sample.finished_at or individual.finished_at or 0.0

@@ -72,7 +72,7 @@ def test_untrained_bpb_is_what_the_evaluator_gives_a_uniform_guess(small_data):
 
 def test_a_noise_floor_of_zero_never_makes_a_difference_significant():
     lines = []
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0, min_delta=0.0), log=lines.append)
+    guard = Guard(GuardSection(anchor=False, noise_runs=3, reruns=3, z=2.0, min_delta=0.0), log=lines.append)
     guard.start("seed", 6.0)
     feed(guard, {"seed": [(6.0, 6.1)] * 3})  # identical noise runs: measured sigma 0
     assert guard.measured_sigma() == 0.0 and guard.sigma() == guard.s.min_sigma
@@ -87,7 +87,7 @@ def test_a_noise_floor_of_zero_never_makes_a_difference_significant():
 # ---- held-out looks ----
 
 def test_each_promotion_decision_that_reads_held_out_is_counted_and_survives_a_checkpoint():
-    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, audit_runs=0), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False, noise_runs=2, reruns=2, z=0.0, min_delta=0.0, audit_runs=0), log=lambda line: None)
     guard.start("seed", 3.0)
     feed(guard, {"seed": [(3.0, 3.1), (3.02, 3.12)]})
     assert guard.heldout_consulted == 0

@@ -36,7 +36,7 @@ def test_pairing_by_seed_finds_a_gain_smaller_than_the_seed_to_seed_spread():
     # batch order do; the evaluation seed (every first draw) happens to sit low. A real gain of
     # 0.015 is hidden in that spread for an unpaired test, and plain seed by seed.
     effect = [0.03, -0.02, 0.0]
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.002, audit_runs=0), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False, noise_runs=3, reruns=3, z=1.0, min_delta=0.002, audit_runs=0), log=lambda line: None)
     guard.start("seed", 2.47)
     seed_runs = [(2.50 + e, 2.10 + e) for e in effect]
     feed(guard, {"seed": list(seed_runs)})
@@ -59,7 +59,7 @@ def test_pairing_by_seed_finds_a_gain_smaller_than_the_seed_to_seed_spread():
 
 
 def test_the_noise_floor_pools_the_seed_runs_with_every_candidates_re_runs():
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.0, audit_runs=0), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False, noise_runs=3, reruns=3, z=1.0, min_delta=0.0, audit_runs=0), log=lambda line: None)
     guard.start("seed", 2.50)
     feed(guard, {"seed": [(2.500, 2.1), (2.501, 2.1), (2.502, 2.1)]})  # three seeds that agree by luck
     assert guard.measured_sigma() == pytest.approx(0.001) and guard.sigma_sources() == 1
@@ -73,7 +73,7 @@ def test_the_noise_floor_pools_the_seed_runs_with_every_candidates_re_runs():
 
 def _transfer_guard() -> Guard:
     """A guard whose every promotion re-runs both champions twice at 2x budget; seed c0 measured."""
-    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, transfer_multiplier=2, transfer_runs=2,
+    guard = Guard(GuardSection(anchor=False, noise_runs=2, reruns=2, z=0.0, min_delta=0.0, transfer_multiplier=2, transfer_runs=2,
                                audit_runs=0),
                   log=lambda line: None)
     guard.start("c0", 3.0)
@@ -122,7 +122,7 @@ def test_scale_transfer_pairs_the_champions_runs_by_seed():
 def test_the_guard_power_benchmark_drives_the_real_guard():
     from benchmarks.guard_power import NoiseModel, one_child
 
-    settings = GuardSection(noise_runs=4, reruns=4, z=1.0, audit_runs=0)
+    settings = GuardSection(anchor=False, noise_runs=4, reruns=4, z=1.0, audit_runs=0)
     assert one_child(settings, 0.5, NoiseModel(0, 0.031, 0.020)) == (True, 4)  # far above the noise: 4 re-runs, promoted
     assert one_child(settings, -0.5, NoiseModel(0, 0.031, 0.020)) == (False, 0)  # worse: never a candidate, no runs
     asked_before, fresh = NoiseModel(7, 0.031, 0.020), NoiseModel(7, 0.031, 0.020)
@@ -132,7 +132,7 @@ def test_the_guard_power_benchmark_drives_the_real_guard():
 
 def test_re_runs_on_other_seeds_than_the_champion_fall_back_to_welch_and_to_the_means():
     # A run resumed from before pairing queued its re-runs on seeds counted upward from 1003.
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.001, audit_runs=0), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False, noise_runs=3, reruns=3, z=1.0, min_delta=0.001, audit_runs=0), log=lambda line: None)
     guard.start("seed", 2.95)
     feed(guard, {"seed": [(3.0, 3.1), (3.02, 3.12), (2.98, 3.08)]})
     assert guard.consider("old", 2.5) is True
@@ -147,7 +147,7 @@ def test_re_runs_on_other_seeds_than_the_champion_fall_back_to_welch_and_to_the_
 
 def test_guard_seeds_skip_the_evaluation_seed_and_follow_the_champions_ok_runs():
     # A run whose evaluation seed is 1001: no guard run may repeat a first draw's seed.
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, audit_runs=0), log=lambda line: None, evaluation_seed=1001)
+    guard = Guard(GuardSection(anchor=False, noise_runs=3, reruns=3, z=1.0, audit_runs=0), log=lambda line: None, evaluation_seed=1001)
     guard.start("seed", 3.0)
     assert [run.seed for run in guard.queue] == [1000, 1002, 1003]
     noise = [guard.take() for _ in range(3)]
@@ -159,7 +159,7 @@ def test_guard_seeds_skip_the_evaluation_seed_and_follow_the_champions_ok_runs()
 
 
 def test_each_promotion_is_checked_on_fresh_seeds_no_decision_used():
-    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, audit_runs=2), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False, noise_runs=2, reruns=2, z=0.0, min_delta=0.0, audit_runs=2), log=lambda line: None)
     guard.start("c0", 3.0)
     feed(guard, {"c0": [(3.0, 3.0), (3.01, 3.01)]})
     assert guard.consider("c1", 2.9)
@@ -179,21 +179,74 @@ def test_each_promotion_is_checked_on_fresh_seeds_no_decision_used():
     assert lines[2] == "fresh-seed check, all 2 checked promotions together: -0.0400 val_bpb (the re-runs claimed -0.1500)"
 
 
+def test_the_seed_runs_once_more_on_the_evaluation_seed_and_children_meet_the_mean():
+    # The seed variant's first draw on evaluation seed 7 was lucky (2.44); its second draw there
+    # is 2.48. Children are set against 2.46, and sigma still comes from the guard's seeds alone.
+    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=1.0, min_delta=0.002, audit_runs=0), log=lambda line: None,
+                  evaluation_seed=7)
+    guard.start("seed", 2.44)
+    assert [(run.kind, run.seed) for run in guard.queue] == [("anchor", 7), ("noise", 1000), ("noise", 1001), ("noise", 1002)]
+    assert guard.on_evaluation_seed("seed") == 2.44 and guard.paired_estimate("seed") is None  # one draw so far
+    anchor = guard.take()
+    assert guard.record(anchor, "ok", {"val_bpb": 2.48, "heldout_bpb": 2.1}) == []
+    assert guard.on_evaluation_seed("seed") == pytest.approx(2.46) == guard.paired_estimate("seed")
+    assert guard.estimate_label("seed") == "mean of 2 draws"
+    feed(guard, {"seed": [(2.50, 2.10), (2.52, 2.12), (2.48, 2.08)]})
+    assert guard.sigma() == pytest.approx(0.02) and guard.records["seed"].samples[0].seed == 1000
+    # 2.43 is no candidate against the lucky draw alone (bar 2.44 - 0.02), but is against the mean.
+    assert guard.consider("fair", 2.43) is True
+    feed(guard, {"fair": [(2.47, 2.07), (2.49, 2.09), (2.45, 2.05)]})  # 0.03 better on every guard seed
+    assert guard.records["fair"].verdict == "promoted"
+    assert guard.on_evaluation_seed("fair") == pytest.approx(2.46 - 0.03) == guard.paired_estimate("fair")
+    assert guard.estimate_label("fair") == "paired estimate"
+
+
+def test_candidates_wait_for_the_anchor_and_a_failed_anchor_leaves_the_first_draw():
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=1.0, min_delta=0.002, audit_runs=0), log=lambda line: None)
+    guard.start("seed", 3.0)
+    anchor = guard.take()
+    feed(guard, {"seed": [(3.0, 3.1), (3.02, 3.12)]})  # the floor is measured, the anchor still runs
+    assert guard.consider("early", 2.9) is False and guard.deferred == [("early", 2.9)]
+    state = json.loads(json.dumps(guard.to_state()))  # in flight: back in the queue after a resume
+    restored = Guard(guard.s, log=lambda line: None)
+    restored.restore(state)
+    assert [(run.kind, run.seed) for run in restored.queue] == [("anchor", 0)]
+    assert restored.record(restored.take(), "crash", {}) == [("early", 2.9)]  # released, decided on the first draw
+    assert restored.on_evaluation_seed("seed") == 3.0 and restored.paired_estimate("seed") is None
+    assert [s.status for s in restored.records["seed"].anchor] == ["crash"]
+    assert guard.consider("late", 2.9) is False  # the original still waits on its anchor in flight
+    assert anchor in guard.running
+
+
+def test_a_checkpoint_from_before_the_anchor_does_not_wait_for_one():
+    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=1.0, audit_runs=0), log=lambda line: None)
+    guard.start("seed", 3.0)
+    state = json.loads(json.dumps(guard.to_state()))
+    state["queue"] = [job for job in state["queue"] if job["kind"] != "anchor"]
+    for record in state["records"].values():
+        del record["anchor"]
+    restored = Guard(guard.s, log=lambda line: None)
+    restored.restore(state)
+    assert restored.records["seed"].anchor == []
+    feed(restored, {"seed": [(3.0, 3.1), (3.02, 3.12)]})
+    assert restored.consider("child", 2.9) is True
+
+
 def test_a_checkpoint_from_before_pairing_restores():
-    guard = Guard(GuardSection(), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False), log=lambda line: None)
     guard.start("seed", 3.0)
     state = json.loads(json.dumps(guard.to_state()))
     state["next_seed"] = 1003  # what the guard used to save
     for record in state["records"].values():
         del record["against"], record["audit"]
-    restored = Guard(GuardSection(), log=lambda line: None)
+    restored = Guard(GuardSection(anchor=False), log=lambda line: None)
     restored.restore(state)
     assert restored.records["seed"].against == "" and restored.records["seed"].audit == []
     assert [run.seed for run in restored.queue] == [1000, 1001, 1002]
 
 
 def test_a_real_gain_is_promoted_and_reported_as_the_rerun_mean():
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0, min_delta=0.001, audit_runs=0), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False, noise_runs=3, reruns=3, z=2.0, min_delta=0.001, audit_runs=0), log=lambda line: None)
     guard.start("seed", 3.00)
     assert guard.consider("early", 2.5) is False  # the floor is not measured yet: deferred
     feed(guard, {"seed": [(3.00, 3.10), (3.02, 3.12), (2.98, 3.08)], "early": [(2.80, 2.90)] * 3})
@@ -205,7 +258,7 @@ def test_a_real_gain_is_promoted_and_reported_as_the_rerun_mean():
 
 
 def test_noise_sized_gains_are_not_even_candidates_and_held_out_can_veto():
-    guard = Guard(GuardSection(noise_runs=3, reruns=3, z=2.0, audit_runs=0), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False, noise_runs=3, reruns=3, z=2.0, audit_runs=0), log=lambda line: None)
     guard.start("seed", 3.0)
     feed(guard, {"seed": [(3.0, 3.1), (3.1, 3.2), (2.9, 3.0)]})  # sigma = 0.1
     assert guard.consider("tiny", 2.85) is False  # within 2 sigma of the champion's mean
@@ -219,7 +272,7 @@ def test_noise_sized_gains_are_not_even_candidates_and_held_out_can_veto():
 
 
 def test_overfitting_alarm_when_val_improves_but_held_out_does_not():
-    guard = Guard(GuardSection(noise_runs=2, reruns=2, z=0.0, min_delta=0.0, alarm_window=3, audit_runs=0), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False, noise_runs=2, reruns=2, z=0.0, min_delta=0.0, alarm_window=3, audit_runs=0), log=lambda line: None)
     guard.start("c0", 3.0)
     feed(guard, {"c0": [(3.00, 3.00), (3.01, 3.01)]})
     for name, val, held in (("c1", 2.90, 2.995), ("c2", 2.80, 2.990)):
@@ -231,12 +284,12 @@ def test_overfitting_alarm_when_val_improves_but_held_out_does_not():
 
 
 def test_guard_state_roundtrip_puts_running_jobs_back_in_the_queue():
-    guard = Guard(GuardSection(), log=lambda line: None)
+    guard = Guard(GuardSection(anchor=False), log=lambda line: None)
     guard.start("seed", 3.0)
     running = guard.take()
     assert guard.running == [running] and [j.seed for j in guard.queue] == [1001, 1002]
     state = json.loads(json.dumps(guard.to_state()))
-    restored = Guard(GuardSection(), log=lambda line: None)
+    restored = Guard(GuardSection(anchor=False), log=lambda line: None)
     restored.restore(state)
     assert [j.seed for j in restored.queue] == [1000, 1001, 1002] and restored.champions == ["seed"]
 
@@ -251,8 +304,9 @@ def test_a_run_with_the_guard_promotes_a_real_gain_with_honest_numbers(setup_run
     individuals, state = RunStore(run_dir).load()
     guard = state["guard"]
     assert len(guard["records"]["v00001"]["samples"]) == 3  # the noise floor
+    assert len(guard["records"]["v00001"]["anchor"]) == 1  # and the seed's second draw on the evaluation seed
     promotions = len(guard["champions"]) - 1  # each adds a fresh-seed check of the new and the previous champion
-    assert state["counters"]["guard_runs"] == 3 + 3 * (len(guard["records"]) - 1) + 2 * promotions
+    assert state["counters"]["guard_runs"] == 3 + 1 + 3 * (len(guard["records"]) - 1) + 2 * promotions
     assert guard["queue"] == []  # the run ended with every verdict given
     text = status_text(run_dir)
     assert "noise floor: sigma" in text and "held-out" in text

@@ -106,13 +106,16 @@ def check_against_store(run_dir) -> list[dict]:
             guard_rows.setdefault(row["id"], []).append(row)
     records = state["guard"]["records"]
     seed_id = state["guard"]["champions"][0]
-    assert set(guard_rows) == {i for i, r in records.items() if r["samples"] or r["transfer"] or r["audit"]}
+    assert set(guard_rows) == {i for i, r in records.items() if r["samples"] or r["transfer"] or r["audit"] or r["anchor"]}
+    # The seed variant's anchor: one run on the evaluation seed, once the seed has been evaluated.
+    anchor_rows = [r for r in guard_rows.get(seed_id, []) if r["kind"] == "anchor"]
+    assert [r["seed"] for r in anchor_rows] == [str(by_id[seed_id].eval_seed)] * len(records[seed_id]["anchor"])
     for individual_id, record in records.items():
-        samples = record["samples"] + record["transfer"] + record["audit"]
+        samples = record["samples"] + record["transfer"] + record["audit"] + record["anchor"]
         mine = guard_rows.get(individual_id, [])
         assert sorted(int(r["seed"]) for r in mine) == sorted(s["seed"] for s in samples)
-        expected_kind = "noise" if individual_id == seed_id else "rerun"
-        assert {r["kind"] for r in mine} <= {expected_kind, "transfer", "audit"}
+        expected_kind = ("noise", "anchor") if individual_id == seed_id else ("rerun",)
+        assert {r["kind"] for r in mine} <= {*expected_kind, "transfer", "audit"}
         for row in mine:  # the same seed may serve a re-run and a transfer run: matched by both
             sample = next(s for s in samples if s["seed"] == int(row["seed"]) and s["kind"] == row["kind"])
             assert row["status"] == sample["status"]

@@ -257,7 +257,7 @@ def _run_in_thread(engine) -> tuple[threading.Thread, dict]:
 
 @pytest.mark.parametrize("how", ["Engine.stop", "max_hours"])
 def test_a_hard_stop_still_stops_a_run_draining_guard_re_runs_after_a_soft_stop(setup_run, how):
-    # max_evaluations=1 is reached at once; the seed's noise runs (30 s each) are left to drain.
+    # max_evaluations=1 is reached at once; the seed's anchor and noise runs (30 s each) are left to drain.
     executor = FakeExecutor(by_quality, seconds=_slow_guard_runs)
     engine, run_dir = engine_with(setup_run, executor, max_evaluations=1, guard=GUARD)
     if how == "max_hours":
@@ -272,7 +272,7 @@ def test_a_hard_stop_still_stops_a_run_draining_guard_re_runs_after_a_soft_stop(
     assert not alive, f"{how} was ignored while guard re-runs drained"
     assert executor.cancelled  # the noise run in flight was killed, not waited for
     _, state = RunStore(run_dir).load()
-    assert len(state["guard"]["queue"]) == 2  # both noise runs stay queued for resume
+    assert len(state["guard"]["queue"]) == 3  # the seed's anchor run and both noise runs stay queued for resume
 
 
 def test_a_setup_failure_while_draining_guard_re_runs_stops_the_run_with_its_reason(setup_run):
@@ -288,7 +288,7 @@ def test_a_setup_failure_while_draining_guard_re_runs_stops_the_run_with_its_rea
     assert not thread.is_alive() and len(executor.jobs) <= 3, f"resubmitted {len(executor.jobs)} times"
     assert outcome["reason"].startswith("stopped, nothing more can be evaluated") and "could not start" in outcome["reason"]
     _, state = RunStore(run_dir).load()
-    assert len(state["guard"]["queue"]) == 2
+    assert len(state["guard"]["queue"]) == 3  # the anchor and the two noise runs
 
 
 def test_a_setup_failure_arriving_with_another_result_stops_cleanly(setup_run):
