@@ -224,7 +224,7 @@ class Breeder:
         (`follows_winning_steps`: perturb) also gets the parent's winning step, or else a losing step
         it can reflect (each handed out once: see _winning_move, _losing_move), and how often the
         run has moved each constant. Caller holds the lock."""
-        parent = Parent(individual.id, self.recorder.code_of(individual.id), individual.val_bpb)
+        parent = Parent(individual.id, self.recorder.code_of(individual.id), self.population.score(individual))
         if getattr(operator, "follows_winning_steps", False):
             parent.winning_move = self._winning_move(individual)
             if not parent.winning_move and getattr(operator, "reflect", 0) > 0:
@@ -374,8 +374,9 @@ class Breeder:
             if i.operator == "seed" or i.status == PENDING or not i.hypothesis:
                 continue
             parent = self.population.individuals.get(i.parents[0]) if i.parents else None
-            if i.evaluated_ok and parent is not None and parent.val_bpb is not None:
-                outcome = f"val_bpb {i.val_bpb:.4f} vs parent {parent.val_bpb:.4f}"
+            base = self.population.score(parent) if parent is not None else None
+            if i.evaluated_ok and base is not None:
+                outcome = f"val_bpb {i.val_bpb:.4f} vs parent {base:.4f}"
             else:
                 outcome = i.status if i.status != "ok" else f"val_bpb {i.val_bpb}"
             ideas.append(Idea(i.operator, i.hypothesis, outcome))

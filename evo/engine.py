@@ -27,7 +27,7 @@ import prepare
 from evo.breeder import Breeder
 from evo.config import Config
 from evo.executors import Executor, make_executor
-from evo.guard import Guard, GuardRun
+from evo.guard import ANCHOR, Guard, GuardRun
 from evo.jobs import CHILD, Job, JobLost
 from evo.population import Individual
 from evo.progress import Snapshot, clock, standing
@@ -190,9 +190,10 @@ class Engine:
                        str(self.store.variant_dir(individual.id)), individual.run_token, smoke_seconds=smoke)
 
     def _guard_job(self, run: GuardRun) -> Job:
-        """A re-run for the guard: on one of the guard's seeds, held-out scored, in the variant's own sub-folder."""
+        """A re-run for the guard: on one of the guard's seeds, held-out scored (not the anchor, which
+        only places the seed on the evaluation seed), in the variant's own sub-folder."""
         settings = self.run_settings(seconds=self.config.budget.seconds * run.budget_multiplier, seed=run.seed)
-        settings.heldout = True
+        settings.heldout = run.kind != ANCHOR
         folder = self.store.variant_dir(run.individual) / run.key
         return Job(run.kind, run.individual, self.recorder.code_of(run.individual), settings, str(folder), run.token)
 

@@ -11,13 +11,13 @@ difference on each seed is free of the part of the noise they share.
 - Noise floor: the seed is re-run k times on the guard's seeds; their spread is sigma.
 - The scale's anchor: every first draw is set against the seed variant's standing on the
   evaluation seed. One draw of it is not steady: on the CPU seed the same code on the same seed
-  moves about 0.013 val_bpb between draws (how many steps fit the budget), and a lucky anchor
+  moves 0.008 to 0.013 val_bpb (sd) between draws (how many steps fit the budget), and a lucky anchor
   makes every child look worse than the seed. So the seed variant runs once more on the
   evaluation seed (`anchor`), and its standing is the mean of the two draws. It was not selected,
   so re-running it on that seed repeats no lucky draw.
-- Candidates: a variant whose first val_bpb beats the champion's on the evaluation seed (its first
-  draw, or where re-runs placed it) by more than max(min_delta, z * sigma) is re-run n times on
-  the guard's seeds, held-out split scored.
+- Candidates: a variant whose first val_bpb beats the champion's standing on the evaluation seed
+  (the seed variant's mean of two draws; a promoted champion's, where its re-runs placed it) by
+  more than max(min_delta, z * sigma) is re-run n times on the guard's seeds, held-out split scored.
 - Promotion: a one-sided paired t-test of its re-runs against the champion's, seed by seed, gives
   p < alpha, the mean gain is at least min_delta, and held-out agrees on the same seeds. (Welch's
   test where fewer than two seeds are shared: a run resumed from before pairing, failed re-runs.)
@@ -387,9 +387,12 @@ class Guard:
         return record is not None and record.verdict.startswith("re-runs failed")
 
     def awaiting(self, individual_id: str) -> bool:
-        """A candidate whose verdict is still open: re-runs queued or in flight, or deferred."""
+        """A candidate whose verdict is still open: re-runs queued or in flight, or deferred; or the
+        seed variant while its anchor run is still to come."""
         record = self.records.get(individual_id)
         if record is not None and len(record.samples) < record.expected:
+            return True
+        if self.champions and individual_id == self.champions[0] and self._anchoring():
             return True
         return any(who == individual_id for who, _ in self.deferred)
 

@@ -200,8 +200,9 @@ class Recorder:
         if result.reason.startswith("smoke run:"):
             c.smoke_failures[result.status] = c.smoke_failures.get(result.status, 0) + 1
         parent = self.population.individuals.get(individual.parents[0]) if individual.parents else None
-        improved = (individual.evaluated_ok and parent is not None and parent.val_bpb is not None
-                    and individual.val_bpb < parent.val_bpb)
+        # Against the parent's selection score: for the seed the mean of its two draws, not a lucky one.
+        base = self.population.score(parent) if parent is not None else None
+        improved = individual.evaluated_ok and base is not None and individual.val_bpb < base
         if improved:
             c.improved[individual.operator] = c.improved.get(individual.operator, 0) + 1
         if individual.operator != "seed":

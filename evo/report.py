@@ -141,7 +141,8 @@ def status_text(run_dir: str | Path, top: int = 5) -> str:
         "",
         *champion_lines(population, guard, store),
         "",
-        "best by selection score (what selection uses: the paired estimate where the guard re-ran it, else the first draw):",
+        "best by selection score (what selection uses: the paired estimate where the guard re-ran it, the mean of 2 "
+        "draws for the seed variant, else the first draw):",
         f"  {'id':<8} {'val_bpb':>9} {'which':<15} {'operator':<10} {'parent':<8} {'verdict':<20} hypothesis",
     ]
     for individual in population.ranked()[:top]:

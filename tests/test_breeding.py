@@ -214,7 +214,8 @@ def test_a_run_with_the_guard_selects_by_paired_estimates_not_a_refused_lucky_dr
     on_seed = engine.guard.on_evaluation_seed(champion)
     assert f"({champion}, re-run mean; {on_seed:.4f} on the first draws' seed)" in ticks[-1].standing
     table = status_text(run_dir).split("best by selection")[1]
-    assert "the paired estimate where the guard re-ran it, else the first draw" in table  # says which number
+    assert "the paired estimate where the guard re-ran it, the mean of 2 draws for the seed variant, else the first draw" \
+        in table  # says which number
     assert f"{lucky.id}      1.5000" not in table  # never listed at its lucky draw
 
 
@@ -381,6 +382,8 @@ def test_losers_that_moved_one_constant_are_reflected_before_those_that_moved_tw
     mine = applicable(code)
     assert {len(details[i.id]["changes"]) for i in mine} == {1, 2}, "the run should hold losers of both kinds"
     expected = sorted(mine, key=lambda i: (len(details[i.id]["changes"]) != 1, by_id[i.parents[0]].val_bpb - i.val_bpb))
+    worst_first = sorted(mine, key=lambda i: by_id[i.parents[0]].val_bpb - i.val_bpb)
+    assert expected != worst_first, "some two-constant loser should lose more than a one-constant one, or order is untested"
     breeder = engine.breeder
     with engine.recorder.lock:
         engine.recorder.guard.sigma = lambda: 0.0

@@ -151,7 +151,9 @@ def test_results_tsv_is_current_at_every_checkpoint_and_right_after_resume(setup
     rows = check_against_store(run_dir)
     assert seen and seen[-1] == len(rows) and len(set(seen)) > 3  # it grew with the run, not only at the end
     kinds = {r["kind"] for r in rows}
-    assert {"child", "noise", "rerun"} <= kinds, kinds  # the guard's runs are there too
+    assert {"child", "noise", "anchor", "rerun"} <= kinds, kinds  # the guard's runs are there too
+    anchor, = [r for r in rows if r["kind"] == "anchor"]  # the seed's second draw on the evaluation seed
+    assert anchor["id"] == rows[0]["id"] and anchor["seed"] == rows[0]["seed"] and anchor["heldout_bpb"] == ""
     crashed = [r for r in rows if r["status"] == "crash"]
     assert crashed and unescape(crashed[0]["reason"]) == "RuntimeError: bad\tthing\nsecond line"
     assert any("\\t" in r["hypothesis"] and "\\n" in r["hypothesis"] for r in rows)

@@ -215,7 +215,9 @@ def test_guard_runs_go_first_and_finish_after_the_limit(setup_run):
     kinds = [job.kind for job in executor.jobs]
     assert kinds[0] == CHILD and kinds.count("noise") == 2
     assert state["guard"]["queue"] == []  # every verdict given, though breeding stopped at 6
-    assert all(job.settings.heldout for job in executor.jobs if job.kind != CHILD)
+    # Held-out is scored on every guard run that may decide a promotion, never on the anchor or a child.
+    assert all(job.settings.heldout == (job.kind not in (CHILD, "anchor")) for job in executor.jobs)
+    assert kinds.count("anchor") == 1
     assert not any(job.settings.heldout for job in executor.jobs if job.kind == CHILD)
 
 
@@ -270,7 +272,7 @@ def test_a_hard_stop_still_stops_a_run_draining_guard_re_runs_after_a_soft_stop(
     alive = thread.is_alive()
     executor.close()
     assert not alive, f"{how} was ignored while guard re-runs drained"
-    assert executor.cancelled  # the noise run in flight was killed, not waited for
+    assert executor.cancelled  # the guard run in flight (the anchor) was killed, not waited for
     _, state = RunStore(run_dir).load()
     assert len(state["guard"]["queue"]) == 3  # the seed's anchor run and both noise runs stay queued for resume
 
