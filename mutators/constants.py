@@ -7,8 +7,11 @@ takes part only when its comment lists choices. A trailing comment narrows or fi
 
     ACTIVATION = "relu2"   # evo: choice(relu2, gelu, silu)
     MATRIX_LR = 0.02       # evo: range(1e-4, 1e-1, log)
-    DEPTH = 8              # evo: range(2, 16)
+    DEPTH = 8              # evo: range(2, 16), lever
     LOG_EVERY = 25         # evo: fixed
+
+`lever` (alone, or after a choice or range) marks a constant the researcher expects to matter
+most, a size or a batch, say: perturb and Optuna pick it LEVER_WEIGHT times as often as others.
 """
 
 from __future__ import annotations
@@ -32,6 +35,14 @@ ZERO_FLOAT_HIGH = 0.1
 # exactly 0.0, with this probability per move: off stays reachable once it has been left.
 ZERO_RETURN_SHARE, ZERO_RETURN_P = 0.1, 0.2
 _MARK = re.compile(r"#\s*evo:\s*(fixed|choice|range)\s*(?:\((.*)\))?")
+# `lever` straight after `evo:` or after the domain's closing parenthesis, not anywhere in the
+# prose that may follow: "# evo: fixed. Not a lever" marks nothing.
+_LEVER = re.compile(r"#\s*evo:\s*(?:(?:choice|range)\s*\([^)]*\)\s*,?\s*)?lever\b")
+# How much likelier a lever is to be picked than an ordinary constant moved as often. With 5 levers
+# among the CPU seed's 24 constants, about 4 in 10 picks fall on a lever: a 12-evaluation run
+# moves its size and batch constants early, where uniform picks left DEPTH untouched in about
+# half the runs (BENCHMARKS.md, run 8), and the others still move.
+LEVER_WEIGHT = 3.0
 
 
 class CommentError(ValueError):
@@ -56,6 +67,7 @@ class Constant:
     value: object  # bool, int, float, str, or tuple of numbers
     source: str  # the value's code as written
     domain: Domain | list[Domain]  # one per element for tuples
+    lever: bool = False  # marked `# evo: lever` in the code: picked LEVER_WEIGHT times as often
 
 
 def _evaluate(code: str):
@@ -165,14 +177,15 @@ def find_constants(code: str) -> list[Constant]:
         declared = domain_from_comment(name, value, comment)
         if declared == "fixed":
             continue
+        lever = bool(_LEVER.search(comment or ""))
         if isinstance(value, tuple):
             domains = [declared or infer_domain(name, v) for v in value]
             if all(d is not None for d in domains):
-                found.append(Constant(name, value, source, domains))
+                found.append(Constant(name, value, source, domains, lever))
             continue
         domain = declared or infer_domain(name, value)
         if domain is not None and (not isinstance(value, str) or domain.kind == "choice"):
-            found.append(Constant(name, value, source, domain))
+            found.append(Constant(name, value, source, domain, lever))
     return found
 
 
@@ -325,19 +338,26 @@ def opposite_steps(constants: list[Constant], losing_move: dict) -> dict:
     return changes
 
 
-def least_moved_first(constants: list[Constant], k: int, moved: dict, rng: random.Random) -> list[Constant]:
-    """k constants drawn without replacement, each with weight 1 / (1 + times moved)^2: a bias
-    toward the constants the run has moved least (one never moved is 4 times as likely as one
-    moved once), so a big lever (DEPTH, say) is less often left untouched by luck while small ones
-    move twice. With no memory: uniform (the same draw as ever, so a memoryless caller's streams
-    do not change)."""
-    if not moved:
-        return rng.sample(constants, k=min(len(constants), k))
-    pool, chosen = list(constants), []
+def weighted_sample(items: list, k: int, weights: list[float], rng: random.Random) -> list:
+    """k of items drawn without replacement, each draw in proportion to the weights left."""
+    pool, weights, chosen = list(items), list(weights), []
     for _ in range(min(k, len(pool))):
-        weights = [1 / (1 + moved.get(c.name, 0)) ** 2 for c in pool]
-        chosen.append(pool.pop(rng.choices(range(len(pool)), weights)[0]))
+        i = rng.choices(range(len(pool)), weights)[0]
+        chosen.append(pool.pop(i))
+        weights.pop(i)
     return chosen
+
+
+def least_moved_first(constants: list[Constant], k: int, moved: dict, rng: random.Random) -> list[Constant]:
+    """k constants drawn without replacement, each with weight 1 / (1 + times moved)^2, times
+    LEVER_WEIGHT for a lever: a bias toward the constants the run has moved least (one never moved
+    is 4 times as likely as one moved once), so a big lever (DEPTH, say) is less often left
+    untouched by luck while small ones move twice. With no memory and no levers: uniform (the same
+    draw as ever, so a memoryless caller's streams do not change)."""
+    if not moved and not any(c.lever for c in constants):
+        return rng.sample(constants, k=min(len(constants), k))
+    weights = [(LEVER_WEIGHT if c.lever else 1.0) / (1 + moved.get(c.name, 0)) ** 2 for c in constants]
+    return weighted_sample(constants, k, weights, rng)
 
 
 class PerturbConstants:

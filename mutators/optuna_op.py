@@ -25,8 +25,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import TrialState
 
 from mutators.base import Parent, Proposal, Refusal, checked
-from mutators.constants import (CommentError, Constant, Domain, find_constants, logistic, logit, render,
-                                replace_constants)
+from mutators.constants import (LEVER_WEIGHT, CommentError, Constant, Domain, find_constants, logistic, logit, render,
+                                replace_constants, weighted_sample)
 
 optuna.logging.set_verbosity(logging.WARNING)
 
@@ -206,7 +206,7 @@ class OptunaProposals:
             return Refusal(self.name, "none of the parent's constants lies inside its study's space")
         old = _values_from(current, constants)
         for _ in range(ATTEMPTS):  # a categorical draw often lands on the parent's own value
-            chosen = rng.sample(movable, k=min(len(movable), rng.randint(1, self.max_changes)))
+            chosen = self._pick(movable, constants, rng)
             token = f"{rng.getrandbits(64):016x}"
             study.enqueue_trial({k: current[k] for k in inside if k not in chosen}, user_attrs={"evo_token": token})
             trial = study.ask({k: space[k] for k in inside})
@@ -228,6 +228,16 @@ class OptunaProposals:
         if isinstance(result, Refusal):
             study.tell(trial.number, state=TrialState.PRUNED)
         return result
+
+    def _pick(self, movable: list[str], constants: list[Constant], rng: random.Random) -> list[str]:
+        """1..max_changes of the movable parameters; a lever's (ADAM_BETAS[1] is ADAM_BETAS's) with
+        LEVER_WEIGHT, as perturb picks. Without levers: uniform, the draw as it always was."""
+        k = min(len(movable), rng.randint(1, self.max_changes))
+        levers = {c.name for c in constants if c.lever}
+        if not levers:
+            return rng.sample(movable, k=k)
+        weights = [LEVER_WEIGHT if name.split("[")[0] in levers else 1.0 for name in movable]
+        return weighted_sample(movable, k, weights, rng)
 
     def feedback(self, details: dict, val_bpb: float | None, evaluated: bool) -> None:
         """The child's outcome: a score, a failure (evaluated, no score), or never run (pruned)."""

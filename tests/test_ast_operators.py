@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mutators.base import Parent, Proposal, Refusal
-from mutators.constants import (CommentError, PerturbConstants, find_constants, least_moved_first, move, replace_constants,
-                               step_again)
+from mutators.constants import (LEVER_WEIGHT, CommentError, PerturbConstants, find_constants, least_moved_first, move,
+                               replace_constants, step_again)
 from mutators.crossover import Crossover
 from mutators.optuna_op import OptunaProposals
 
@@ -173,6 +173,46 @@ def test_perturb_moves_the_constants_the_run_has_moved_least_first():
     children = [PerturbConstants(max_changes=1).propose([Parent("p", SAMPLE, 2.0, moved=moved)], random.Random(seed))
                 for seed in range(100)]
     assert sum("DEPTH" in c.details["changes"] for c in children) > 3 * 100 / len(names)
+
+
+def test_a_lever_is_marked_only_where_an_evo_comment_says_so():
+    code = '''A = 4  # evo: lever
+B = 8  # evo: range(2, 16), lever
+C = "x"  # evo: choice(x, y) lever. Pulls hard
+D = 0.5  # evo: range(0.1, 0.9). Pulls like a lever
+E = 2  # a lever, but not an evo comment
+F = 3  # evo: fixed. Not a lever
+'''
+    found = {c.name: c for c in find_constants(code)}
+    assert {name for name, c in found.items() if c.lever} == {"A", "B", "C"}
+    assert "F" not in found  # fixed stays fixed
+    assert found["A"].domain.inferred  # `lever` alone: the domain is inferred, as with no comment
+    assert (found["B"].domain.low, found["B"].domain.high) == (2, 16)  # and a declared one still holds
+    assert found["C"].domain.choices == ["x", "y"]
+
+
+def test_levers_are_picked_first_with_or_without_memory():
+    code = SAMPLE.replace("DEPTH = 8  # layers", "DEPTH = 8  # evo: lever. Layers")
+    constants = find_constants(code)
+    n = len(constants)
+    firsts = [least_moved_first(constants, 1, {}, random.Random(seed))[0].name for seed in range(400)]
+    share, expected = firsts.count("DEPTH") / len(firsts), LEVER_WEIGHT / (LEVER_WEIGHT + n - 1)
+    assert abs(share - expected) < 0.08 and share > 2 / n, (share, expected)
+    # Moved once, the lever weighs LEVER_WEIGHT / 4 against 1 for each constant never moved.
+    firsts = [least_moved_first(constants, 1, {"DEPTH": 1}, random.Random(seed))[0].name for seed in range(400)]
+    share, expected = firsts.count("DEPTH") / len(firsts), (LEVER_WEIGHT / 4) / (LEVER_WEIGHT / 4 + n - 1)
+    assert abs(share - expected) < 0.06, (share, expected)
+    drawn = least_moved_first(constants, n + 3, {}, random.Random(0))
+    assert sorted(c.name for c in drawn) == sorted(c.name for c in constants)  # still without replacement
+    # Perturb's fresh steps, with no memory at all (greedy search's case), go to the lever first too.
+    children = [PerturbConstants(max_changes=1).propose([Parent("p", code, 2.0)], random.Random(seed)) for seed in range(200)]
+    assert sum("DEPTH" in c.details["changes"] for c in children) > 2 * 200 / n
+
+
+def test_the_seeds_mark_their_size_and_batch_constants_as_levers():
+    for seed in SEEDS:
+        levers = {c.name for c in find_constants(seed.read_text()) if c.lever}
+        assert levers == {"DEPTH", "ASPECT_RATIO", "MLP_RATIO", "TOTAL_BATCH_TOKENS", "DEVICE_BATCH_SIZE"}, seed.name
 
 
 @pytest.mark.parametrize("seed", SEEDS, ids=lambda p: p.name)

@@ -33,17 +33,17 @@ from prepare import DEVICE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, m
 
 # ---- hyperparameters (module-level constants: what evolution edits first) ----
 # Model shape: width = DEPTH * ASPECT_RATIO, rounded up to whole heads of HEAD_DIM.
-DEPTH = 8
-ASPECT_RATIO = 64
+DEPTH = 8  # evo: lever. Layers: with the width, sets how many steps fit in the budget
+ASPECT_RATIO = 64  # evo: lever. Width per layer
 HEAD_DIM = 128  # evo: choice(64, 128)
-MLP_RATIO = 4
+MLP_RATIO = 4  # evo: lever. MLP width per model width
 WINDOW_PATTERN = "SSSL"  # evo: choice(SSSL, SSL, SL, L). Per layer, repeated: S short window, L full; the last layer is always L
 SHORT_WINDOW_FRAC = 0.5  # a short window, as a fraction of the context
 VALUE_GATE_CHANNELS = 32  # evo: choice(16, 32, 64). Input channels the per-head value-embedding gate reads
 LOGIT_SOFTCAP = 15.0
 # Optimisation
-TOTAL_BATCH_TOKENS = 2**19  # tokens per optimizer step (gradient accumulation makes up the rest)
-DEVICE_BATCH_SIZE = 128  # sequences per micro-batch
+TOTAL_BATCH_TOKENS = 2**19  # evo: lever. Tokens per optimizer step (gradient accumulation makes up the rest)
+DEVICE_BATCH_SIZE = 128  # evo: lever. Sequences per micro-batch
 EMBEDDING_LR = 0.6  # AdamW: token and value embeddings
 UNEMBEDDING_LR = 0.004  # AdamW: output head
 SCALAR_LR = 0.5  # AdamW: the x0 scalars (the residual scalars get a hundredth)
