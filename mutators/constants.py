@@ -11,7 +11,8 @@ takes part only when its comment lists choices. A trailing comment narrows or fi
     LOG_EVERY = 25         # evo: fixed
 
 `lever` (alone, or after a choice or range) marks a constant the researcher expects to matter
-most, a size or a batch, say: perturb and Optuna pick it LEVER_WEIGHT times as often as others.
+most, a size or a batch, say: perturb and Optuna weigh it LEVER_WEIGHT times as much as others
+when they draw which constants move.
 """
 
 from __future__ import annotations
@@ -34,14 +35,16 @@ ZERO_FLOAT_HIGH = 0.1
 # A value this close to a zero lower bound (as a share of the domain's width) may step back to
 # exactly 0.0, with this probability per move: off stays reachable once it has been left.
 ZERO_RETURN_SHARE, ZERO_RETURN_P = 0.1, 0.2
-_MARK = re.compile(r"#\s*evo:\s*(fixed|choice|range)\s*(?:\((.*)\))?")
+# The domain's arguments end at the first ")": prose after it may hold brackets of its own.
+_MARK = re.compile(r"#\s*evo:\s*(?:(?i:lever)\s*,?\s*)?(fixed|choice|range)\s*(?:\(([^)]*)\))?")
 # `lever` straight after `evo:` or after the domain's closing parenthesis, not anywhere in the
 # prose that may follow: "# evo: fixed. Not a lever" marks nothing.
-_LEVER = re.compile(r"#\s*evo:\s*(?:(?:choice|range)\s*\([^)]*\)\s*,?\s*)?lever\b")
-# How much likelier a lever is to be picked than an ordinary constant moved as often. With 5 levers
-# among the CPU seed's 24 constants, about 4 in 10 picks fall on a lever: a 12-evaluation run
-# moves its size and batch constants early, where uniform picks left DEPTH untouched in about
-# half the runs (BENCHMARKS.md, run 8), and the others still move.
+_LEVER = re.compile(r"#\s*evo:\s*(?:(?:choice|range)\s*\([^)]*\)\s*,?\s*)?(?i:lever)\b")
+# A lever's weight in the draw of which constants move, against 1 for an ordinary constant (perturb
+# divides both by how often the run has moved them). With 5 levers among the CPU seed's 24
+# constants, about 4 in 10 picks fall on a lever: a 12-evaluation run moves its size and batch
+# constants early, where least-moved-first left DEPTH untouched in 3 of run 8's 4 repeats
+# (BENCHMARKS.md), and the others still move.
 LEVER_WEIGHT = 3.0
 
 
@@ -67,7 +70,7 @@ class Constant:
     value: object  # bool, int, float, str, or tuple of numbers
     source: str  # the value's code as written
     domain: Domain | list[Domain]  # one per element for tuples
-    lever: bool = False  # marked `# evo: lever` in the code: picked LEVER_WEIGHT times as often
+    lever: bool = False  # marked `# evo: lever` in the code: LEVER_WEIGHT times the weight in the draw
 
 
 def _evaluate(code: str):

@@ -182,10 +182,15 @@ C = "x"  # evo: choice(x, y) lever. Pulls hard
 D = 0.5  # evo: range(0.1, 0.9). Pulls like a lever
 E = 2  # a lever, but not an evo comment
 F = 3  # evo: fixed. Not a lever
+G = 8  # evo: lever, range(2, 16)
+H = 3  # evo: lever, fixed
+I = "relu"  # evo: choice(relu, gelu), Lever (the big one)
 '''
     found = {c.name: c for c in find_constants(code)}
-    assert {name for name, c in found.items() if c.lever} == {"A", "B", "C"}
-    assert "F" not in found  # fixed stays fixed
+    assert {name for name, c in found.items() if c.lever} == {"A", "B", "C", "G", "I"}
+    assert "F" not in found and "H" not in found  # fixed stays fixed, before or after `lever`
+    assert (found["G"].domain.low, found["G"].domain.high) == (2, 16)  # `lever` first hides no range
+    assert found["I"].domain.choices == ["relu", "gelu"]  # brackets in the prose after it are prose
     assert found["A"].domain.inferred  # `lever` alone: the domain is inferred, as with no comment
     assert (found["B"].domain.low, found["B"].domain.high) == (2, 16)  # and a declared one still holds
     assert found["C"].domain.choices == ["x", "y"]
