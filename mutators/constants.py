@@ -10,7 +10,7 @@ takes part only when its comment lists choices. A trailing comment narrows or fi
     DEPTH = 8              # evo: range(2, 16), lever
     LOG_EVERY = 25         # evo: fixed
 
-`lever` (alone, or after a choice or range) marks a constant the researcher expects to matter
+`lever` (alone, or before or after a choice or range) marks a constant the researcher expects to matter
 most, a size or a batch, say: perturb and Optuna weigh it LEVER_WEIGHT times as much as others
 when they draw which constants move.
 """
