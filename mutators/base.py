@@ -49,8 +49,9 @@ class Parent:
     losing_move: dict = field(default_factory=dict)
     loser: str = ""
     # How many of the run's children so far moved each constant (by name), whatever their parent
-    # or operator; empty when the caller keeps no such memory. Perturb moves the least moved first.
-    moved: dict = field(default_factory=dict)
+    # or operator; None when the caller keeps no such memory ({} is a run that has moved nothing
+    # yet). Perturb moves the least moved first, and a lever never moved before anything else.
+    moved: dict | None = None
 
 
 class Operator(Protocol):

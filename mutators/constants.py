@@ -12,7 +12,8 @@ takes part only when its comment lists choices. A trailing comment narrows or fi
 
 `lever` (alone, or before or after a choice or range) marks a constant the researcher expects to matter
 most, a size or a batch, say: perturb and Optuna weigh it LEVER_WEIGHT times as much as others
-when they draw which constants move.
+when they draw which constants move, and perturb, given the run's memory, moves every lever once
+before any other constant.
 """
 
 from __future__ import annotations
@@ -351,16 +352,33 @@ def weighted_sample(items: list, k: int, weights: list[float], rng: random.Rando
     return chosen
 
 
-def least_moved_first(constants: list[Constant], k: int, moved: dict, rng: random.Random) -> list[Constant]:
+def least_moved_first(constants: list[Constant], k: int, moved: dict | None, rng: random.Random) -> list[Constant]:
     """k constants drawn without replacement, each with weight 1 / (1 + times moved)^2, times
     LEVER_WEIGHT for a lever: a bias toward the constants the run has moved least (one never moved
     is 4 times as likely as one moved once), so a big lever (DEPTH, say) is less often left
-    untouched by luck while small ones move twice. With no memory and no levers: uniform (the same
-    draw as ever, so a memoryless caller's streams do not change)."""
+    untouched by luck while small ones move twice.
+
+    With the run's memory (`moved` not None), the levers it has never moved come first, before any
+    other constant: a run screens every lever once, early, and its reflection and pattern move take
+    the lever on from there (see screen_levers_first). With no memory and no levers: uniform (the
+    same draw as ever, so a memoryless caller's streams do not change)."""
     if not moved and not any(c.lever for c in constants):
         return rng.sample(constants, k=min(len(constants), k))
-    weights = [(LEVER_WEIGHT if c.lever else 1.0) / (1 + moved.get(c.name, 0)) ** 2 for c in constants]
-    return weighted_sample(constants, k, weights, rng)
+    chosen = screen_levers_first(constants, k, moved, rng)
+    rest = [c for c in constants if c not in chosen]
+    weights = [(LEVER_WEIGHT if c.lever else 1.0) / (1 + (moved or {}).get(c.name, 0)) ** 2 for c in rest]
+    return chosen + weighted_sample(rest, k - len(chosen), weights, rng)
+
+
+def screen_levers_first(constants: list[Constant], k: int, moved: dict | None, rng: random.Random) -> list[Constant]:
+    """Up to k of the levers the run has never moved, uniformly; none without memory. Why: in run 9
+    every repeat was decided by a size step, and evo's first step on DEPTH came as late as its
+    11th evaluation. The seed's author marked the levers as the constants that matter most, so a
+    run with memory tries each of them once before it spends evaluations on the rest."""
+    if moved is None:
+        return []
+    unmoved = [c for c in constants if c.lever and not moved.get(c.name)]
+    return rng.sample(unmoved, k=min(len(unmoved), k))
 
 
 class PerturbConstants:

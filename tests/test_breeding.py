@@ -414,10 +414,16 @@ def test_perturb_is_handed_how_often_the_run_has_moved_each_constant(setup_run):
 
     perturb = Watched()
     engine, run_dir = engine_with(setup_run, FakeExecutor(by_quality), max_evaluations=16, ops={"perturb": perturb},
-                                  population={"islands": 1})
+                                  population={"islands": 1},
+                                  extra_code="\nBIG = 4  # evo: lever\nBIGGER = 8  # evo: lever\nBIGGEST = 16  # evo: lever\n")
     perturb.population = engine.population
     engine.run()
     individuals, _ = RunStore(run_dir).load()
+    # The run's first fresh steps (neither a winner's step again nor a loser's reflected) screen the
+    # levers, one each: QUALITY, NOISE and SLEEP wait until all three have moved.
+    fresh = [json.loads(i.details) for i in sorted(individuals, key=lambda i: i.birth) if i.parents]
+    fresh = [d["changes"] for d in fresh if "follows" not in d and "reflects" not in d]
+    assert sorted(name for changes in fresh[:3] for name in changes) == ["BIG", "BIGGER", "BIGGEST"], fresh
     counts = {}
     for i in individuals:
         for name in json.loads(i.details or "{}").get("changes", {}):
