@@ -46,3 +46,17 @@ def test_gpu_seed_runs_end_to_end_on_cpu_at_toy_size(small_data):
     result = run_variant(code, RunSettings(time_budget=4, data_dir=str(small_data), seq_len=32, eval_tokens=1024))
     assert result.status == "ok", result.log_tail
     assert "tokens_per_sec:" in result.log_tail and result.val_bpb < untrained_bpb(small_data)
+
+
+@pytest.mark.slow
+def test_cpu_seed_runs_at_the_narrowest_width_its_constants_reach(small_data):
+    """DEPTH 1 at ASPECT_RATIO 24 with HEAD_DIM 32 is 32 channels wide, fewer than the value gate's
+    largest choice (64): a child evolution reached in run 10 of the benchmark, which crashed until
+    the gate learned to read at most the model's width."""
+    code = (TRAINER / "train_cpu.py").read_text()
+    for name, value in {"DEPTH": 1, "ASPECT_RATIO": 24, "HEAD_DIM": 32, "VALUE_GATE_CHANNELS": 64}.items():
+        code, n = re.subn(rf"^{name} = \S+", f"{name} = {value}", code, count=1, flags=re.MULTILINE)
+        assert n == 1, name
+    result = run_variant(code, RunSettings(time_budget=3, data_dir=str(small_data), seq_len=32, eval_tokens=1024))
+    assert result.status == "ok", result.log_tail
+    assert result.val_bpb < untrained_bpb(small_data)

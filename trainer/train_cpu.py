@@ -110,7 +110,9 @@ class Attention(nn.Module):
         self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
-        self.value_gate = nn.Linear(VALUE_GATE_CHANNELS, self.n_head, bias=False) if value_gate else None
+        # A narrow model (DEPTH 1 at a small ASPECT_RATIO) has fewer channels than the gate may ask for.
+        self.gate_channels = min(VALUE_GATE_CHANNELS, dim)
+        self.value_gate = nn.Linear(self.gate_channels, self.n_head, bias=False) if value_gate else None
 
     def forward(self, x, value_embedding, cos, sin, mask):
         B, T, C = x.shape
@@ -118,7 +120,7 @@ class Attention(nn.Module):
         k = self.k(x).view(B, T, self.n_head, self.head_dim)
         v = self.v(x).view(B, T, self.n_head, self.head_dim)
         if value_embedding is not None:  # mix in the token's own value vector, gated per head by the input
-            gate = 2 * torch.sigmoid(self.value_gate(x[..., :VALUE_GATE_CHANNELS]))
+            gate = 2 * torch.sigmoid(self.value_gate(x[..., :self.gate_channels]))
             v = v + gate.unsqueeze(-1) * value_embedding.view(B, T, self.n_head, self.head_dim)
         q, k = apply_rotary(q, cos[:, :T], sin[:, :T]), apply_rotary(k, cos[:, :T], sin[:, :T])
         q, k = norm(q), norm(k)  # QK-norm keeps attention logits tame at high learning rates
