@@ -36,11 +36,13 @@ ZERO_FLOAT_HIGH = 0.1
 # A value this close to a zero lower bound (as a share of the domain's width) may step back to
 # exactly 0.0, with this probability per move: off stays reachable once it has been left.
 ZERO_RETURN_SHARE, ZERO_RETURN_P = 0.1, 0.2
-# The domain's arguments end at the first ")": prose after it may hold brackets of its own.
-_MARK = re.compile(r"#\s*evo:\s*(?:(?i:lever)\s*,?\s*)?(fixed|choice|range)\s*(?:\(([^)]*)\))?")
-# `lever` straight after `evo:` or after the domain's closing parenthesis, not anywhere in the
-# prose that may follow: "# evo: fixed. Not a lever" marks nothing.
-_LEVER = re.compile(r"#\s*evo:\s*(?:(?:choice|range)\s*\([^)]*\)\s*,?\s*)?(?i:lever)\b")
+# The one grammar of an `# evo:` comment: an optional `lever`, then an optional domain, then an
+# optional `lever`. `lever` counts straight after `evo:` or straight after the domain, not anywhere
+# in the prose that may follow ("# evo: fixed. Not a lever" marks nothing). The domain's arguments
+# end at the first ")": prose after it may hold brackets of its own.
+_MARK = re.compile(r"#\s*evo:\s*(?P<lever_first>(?i:lever)\b\s*,?\s*)?"
+                   r"(?:(?P<kind>fixed|choice|range)\s*(?:\((?P<args>[^)]*)\))?)?"
+                   r"(?P<lever_after>\s*,?\s*(?i:lever)\b)?")
 # A lever's weight in the draw of which constants move, against 1 for an ordinary constant (perturb
 # divides both by how often the run has moved them). With 5 levers among the CPU seed's 24
 # constants, about 4 in 10 picks fall on a lever: a 12-evaluation run moves its size and batch
@@ -125,12 +127,20 @@ def _parse_choice(text: str, value):
     return [_evaluate(t) for t in items]
 
 
-def domain_from_comment(name: str, value, comment: str | None) -> Domain | None | str:
-    """The domain a comment declares, 'fixed', or None when there is no evo comment."""
+def read_mark(comment: str | None) -> tuple[str | None, str | None, bool]:
+    """(kind, arguments, lever) of an `# evo:` comment: kind is fixed, choice, range or None."""
     match = _MARK.search(comment or "")
     if not match:
+        return None, None, False
+    lever = bool(match.group("lever_first") or (match.group("kind") and match.group("lever_after")))
+    return match.group("kind"), match.group("args"), lever
+
+
+def domain_from_comment(name: str, value, comment: str | None) -> Domain | None | str:
+    """The domain a comment declares, 'fixed', or None when there is no evo comment."""
+    kind, args, _ = read_mark(comment)
+    if kind is None:
         return None
-    kind, args = match.group(1), match.group(2)
     if kind == "fixed":
         return "fixed"
     if args is None:
@@ -181,7 +191,7 @@ def find_constants(code: str) -> list[Constant]:
         declared = domain_from_comment(name, value, comment)
         if declared == "fixed":
             continue
-        lever = bool(_LEVER.search(comment or ""))
+        lever = read_mark(comment)[2]
         if isinstance(value, tuple):
             domains = [declared or infer_domain(name, v) for v in value]
             if all(d is not None for d in domains):
@@ -325,21 +335,28 @@ def step_again(constant: Constant, old_source: str, new_source: str):
     return moved if render(moved) != render(value) else None
 
 
-def opposite_steps(constants: list[Constant], losing_move: dict) -> dict:
-    """{name: (source, new source)}: the losing step old -> new taken the other way from old, for
-    each constant that holds the value old (compared as values: Optuna records `0.0003` for
-    `3e-4`). A choice, a flag, a tuple, a fraction leaving zero or a constant at its domain's edge
-    has no other way and is left out; {} when nothing can be reflected."""
+def steps_again(constants: list[Constant], steps: dict, backwards: bool = False) -> dict:
+    """{name: (source, new source)} for each step old -> new in `steps` that can be taken again
+    (see step_again). Forwards (a winner's step, the pattern move): once more from the constant's
+    value. Backwards (a loser's step, the opposite probe): the other way from old, only for a
+    constant that holds the value old (compared as values: Optuna records `0.0003` for `3e-4`); a
+    choice, a flag, a tuple, a fraction leaving zero or a constant at its domain's edge has no
+    other way and is left out. {} when no step can be taken."""
     by_name = {c.name: c for c in constants}
     changes = {}
-    for name, (old, new) in losing_move.items():
+    for name, (old, new) in steps.items():
         constant = by_name.get(name)
-        if constant is None or _evaluate(old) != constant.value:
+        if constant is None or (backwards and _evaluate(old) != constant.value):
             continue
-        moved = step_again(constant, new, old)
+        moved = step_again(constant, new, old) if backwards else step_again(constant, old, new)
         if moved is not None:
             changes[name] = (constant.source, render(moved))
     return changes
+
+
+def opposite_steps(constants: list[Constant], losing_move: dict) -> dict:
+    """The losing step taken the other way (see steps_again)."""
+    return steps_again(constants, losing_move, backwards=True)
 
 
 def weighted_sample(items: list, k: int, weights: list[float], rng: random.Random) -> list:
@@ -406,7 +423,7 @@ class PerturbConstants:
             return Refusal(self.name, "no module-level constants to perturb")
         changes = {}
         if parent.winning_move and rng.random() < self.follow:
-            changes = self._again(constants, parent.winning_move)
+            changes = steps_again(constants, parent.winning_move)
         follows = ", ".join(f"{name} {parent.winning_move[name][0]} -> {parent.winning_move[name][1]}" for name in changes)
         reflects = ""
         if not changes and parent.losing_move and rng.random() < self.reflect:
@@ -430,14 +447,3 @@ class PerturbConstants:
             hypothesis += f" (the opposite of {parent.loser}'s losing step: {reflects})"
             details["reflects"] = parent.loser
         return checked(Proposal(code, self.name, details, hypothesis), parent.code)
-
-    @staticmethod
-    def _again(constants: list[Constant], winning_move: dict) -> dict:
-        by_name = {c.name: c for c in constants}
-        changes = {}
-        for name, (old, new) in winning_move.items():
-            constant = by_name.get(name)
-            moved = step_again(constant, old, new) if constant is not None else None
-            if moved is not None:
-                changes[name] = (constant.source, render(moved))
-        return changes
