@@ -36,13 +36,14 @@ ZERO_FLOAT_HIGH = 0.1
 # A value this close to a zero lower bound (as a share of the domain's width) may step back to
 # exactly 0.0, with this probability per move: off stays reachable once it has been left.
 ZERO_RETURN_SHARE, ZERO_RETURN_P = 0.1, 0.2
-# The one grammar of an `# evo:` comment: an optional `lever`, then an optional domain, then an
-# optional `lever`. `lever` counts straight after `evo:` or straight after the domain, not anywhere
-# in the prose that may follow ("# evo: fixed. Not a lever" marks nothing). The domain's arguments
-# end at the first ")": prose after it may hold brackets of its own.
-_MARK = re.compile(r"#\s*evo:\s*(?P<lever_first>(?i:lever)\b\s*,?\s*)?"
+# The one grammar of an `# evo:` mark: an optional `lever`, then an optional domain, then an
+# optional `lever`. `lever` counts straight after `evo:` or straight after a choice's or range's
+# closing parenthesis, not anywhere in the prose that may follow ("# evo: fixed. Not a lever" marks
+# nothing). The domain's arguments end at the first ")": prose after it may hold brackets of its own.
+_MARK = re.compile(r"#\s*evo:\s*(?P<lever_first>(?i:lever)\s*,?\s*)?"
                    r"(?:(?P<kind>fixed|choice|range)\s*(?:\((?P<args>[^)]*)\))?)?"
                    r"(?P<lever_after>\s*,?\s*(?i:lever)\b)?")
+_WHOLE_WORD_LEVER = re.compile(r"(?i:lever)\b")
 # A lever's weight in the draw of which constants move, against 1 for an ordinary constant (perturb
 # divides both by how often the run has moved them). With 5 levers among the CPU seed's 24
 # constants, about 4 in 10 picks fall on a lever: a 12-evaluation run moves its size and batch
@@ -128,12 +129,18 @@ def _parse_choice(text: str, value):
 
 
 def read_mark(comment: str | None) -> tuple[str | None, str | None, bool]:
-    """(kind, arguments, lever) of an `# evo:` comment: kind is fixed, choice, range or None."""
-    match = _MARK.search(comment or "")
-    if not match:
-        return None, None, False
-    lever = bool(match.group("lever_first") or (match.group("kind") and match.group("lever_after")))
-    return match.group("kind"), match.group("args"), lever
+    """(kind, arguments, lever) of a comment's `# evo:` marks: the first mark that names a domain
+    gives the kind (fixed, choice, range; None if none does) and its arguments, and any mark may
+    say `lever`. A second mark is read, not dropped: `# evo: lever  # evo: fixed` stays fixed."""
+    kind = args = None
+    lever = False
+    for mark in _MARK.finditer(comment or ""):
+        if kind is None and mark.group("kind"):
+            kind, args = mark.group("kind"), mark.group("args")
+        lever_first = mark.group("lever_first") and _WHOLE_WORD_LEVER.match(comment, mark.start("lever_first"))
+        lever_after = mark.group("kind") in ("choice", "range") and mark.group("args") is not None and mark.group("lever_after")
+        lever = lever or bool(lever_first or lever_after)
+    return kind, args, lever
 
 
 def domain_from_comment(name: str, value, comment: str | None) -> Domain | None | str:
@@ -394,8 +401,25 @@ def screen_levers_first(constants: list[Constant], k: int, moved: dict | None, r
     run with memory tries each of them once before it spends evaluations on the rest."""
     if moved is None:
         return []
-    unmoved = [c for c in constants if c.lever and not moved.get(c.name)]
+    unmoved = [c for c in constants if c.lever and not moved.get(c.name) and _has_room(c)]
     return rng.sample(unmoved, k=min(len(unmoved), k))
+
+
+def _has_room(constant: Constant) -> bool:
+    """Whether any move can change the constant: a lever declared with no room (`choice(4, 4)`,
+    an int `range(2, 2.5)`) never counts as moved, and screening it first would stall every fresh
+    step. One at the edge of its domain still has room: the other way."""
+    domains = constant.domain if isinstance(constant.domain, list) else [constant.domain]
+    values = constant.value if isinstance(constant.value, tuple) else (constant.value,)
+    for d, value in zip(domains, values):
+        if d.kind in ("bool", "choice"):
+            if any(c != value for c in d.choices):
+                return True
+        elif d.low is None or d.high is None or d.kind == "fraction":
+            return True
+        elif (math.floor(d.high) > math.ceil(d.low)) if d.kind == "int" else d.high > d.low:
+            return True
+    return False
 
 
 class PerturbConstants:

@@ -9,7 +9,7 @@ import pytest
 
 from mutators.base import Parent, Proposal, Refusal
 from mutators.constants import (LEVER_WEIGHT, CommentError, PerturbConstants, find_constants, least_moved_first, move,
-                               replace_constants, step_again)
+                               replace_constants, screen_levers_first, step_again)
 from mutators.crossover import Crossover
 from mutators.optuna_op import OptunaProposals
 
@@ -187,10 +187,15 @@ F = 3  # evo: fixed. Not a lever
 G = 8  # evo: lever, range(2, 16)
 H = 3  # evo: lever, fixed
 I = "relu"  # evo: choice(relu, gelu), Lever (the big one)
+J = 4  # evo: lever  # evo: fixed
+K = 4  # evo: range(2, 16)  # evo: lever
+L = 8  # evo: leverage
 '''
     found = {c.name: c for c in find_constants(code)}
-    assert {name for name, c in found.items() if c.lever} == {"A", "B", "C", "G", "I"}
+    assert {name for name, c in found.items() if c.lever} == {"A", "B", "C", "G", "I", "K"}
     assert "F" not in found and "H" not in found  # fixed stays fixed, before or after `lever`
+    assert "J" not in found  # a second mark is read too: fixed stays fixed
+    assert (found["K"].domain.low, found["K"].domain.high) == (2, 16) and found["L"].domain.inferred
     assert (found["G"].domain.low, found["G"].domain.high) == (2, 16)  # `lever` first hides no range
     assert found["I"].domain.choices == ["relu", "gelu"]  # brackets in the prose after it are prose
     assert found["A"].domain.inferred  # `lever` alone: the domain is inferred, as with no comment
@@ -238,6 +243,13 @@ def test_a_run_with_memory_moves_each_lever_once_before_anything_else():
     children = [PerturbConstants(max_changes=1).propose([Parent("p", code, 2.0, moved={})], random.Random(seed))
                 for seed in range(30)]
     assert all(set(c.details["changes"]) <= levers and c.details["changes"] for c in children)
+    # A lever declared with no room to move never counts as moved: it is not screened, or every
+    # fresh step would try it first and refuse.
+    stuck = find_constants(code.replace("BATCH = 2**19  # evo: lever", "BATCH = 4  # evo: choice(4, 4), lever"))
+    assert [c.name for c in stuck if c.lever] == ["DEPTH", "BATCH"]
+    for seed in range(20):
+        assert [c.name for c in screen_levers_first(stuck, 2, {}, random.Random(seed))] == ["DEPTH"]
+        assert screen_levers_first(stuck, 2, {"DEPTH": 1}, random.Random(seed)) == []
 
 
 def test_the_seeds_mark_their_size_and_batch_constants_as_levers():
