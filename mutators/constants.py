@@ -46,9 +46,9 @@ _MARK = re.compile(r"#\s*evo:\s*(?P<lever_first>(?i:lever)\s*,?\s*)?"
 _WHOLE_WORD_LEVER = re.compile(r"(?i:lever)\b")
 # A lever's weight in the draw of which constants move, against 1 for an ordinary constant (perturb
 # divides both by how often the run has moved them). With 5 levers among the CPU seed's 24
-# constants, about 4 in 10 picks fall on a lever: a 12-evaluation run moves its size and batch
-# constants early, where least-moved-first left DEPTH untouched in 3 of run 8's 4 repeats
-# (BENCHMARKS.md), and the others still move.
+# constants, about 4 in 10 picks fall on a lever, where least-moved-first left DEPTH untouched in 3
+# of run 8's 4 repeats (BENCHMARKS.md). With the run's memory, the levers are screened first (see
+# screen_levers_first) and this weight applies once each has moved.
 LEVER_WEIGHT = 3.0
 
 
